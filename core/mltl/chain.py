@@ -1,0 +1,352 @@
+"""The chain runner: stages in order, each starting from the previous stage's selected weights.
+
+For every stage: load its domain (all domains are loaded before the first stage trains, so a bad
+path in the last stage fails in seconds, not hours), split it (stratified, group-aware), train each
+variant of its sweep, pick the winner on the **validation** split, and only then evaluate the winner,
+once, on the stage's test split. The winner alone is handed to later stages.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from .config import Config, Stage, StageConfig, dump_toml, load_config
+from .domain import Domain, make_splits, prepare_images, split_counts
+from .errors import ConfigError, UserError
+from .freeze import FreezePolicy
+from .metrics import classification_metrics, is_better, metric_value
+from .network import HeadSpec, Network, build_network, derive, make_spec
+from .plugins import Registry, check_options, emit, get_registry
+from .reporting import ConsoleReporter, call, write_report
+from .results import Predictions, StageResult
+from .rundir import (choose_run_dir, environment, save_weights_atomic, write_json_atomic,
+                     write_text_atomic)
+from .train import TensorData, fit, predict_proba
+
+
+@attrs.frozen(eq=False)
+class RunResult:
+    """A finished run: its directory and each stage's result (selected model, test predictions)."""
+
+    run_dir: Path
+    stages: tuple[StageResult, ...]
+
+    def stage(self, name: str) -> StageResult:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f'device "{spec}" was asked for but CUDA is not available here; use --device cpu or auto')
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f'device "{spec}" was asked for but MPS is not available here; use --device cpu or auto')
+    return dev
+
+
+def _stage_key(config: Config, stage_index: int) -> str:
+    return f"stages[{stage_index}]"
+
+
+def _domain_cache_key(cfg: StageConfig) -> str:
+    return json.dumps([cfg.domain.plugin, cfg.domain.options], sort_keys=True, default=str)
+
+
+def load_domains(config: Config, registry: Registry) -> dict[str, Domain]:
+    """Every distinct domain of the chain, loaded once (keyed by plugin and options)."""
+    out: dict[str, Domain] = {}
+    for i, stage in enumerate(config.stages):
+        for _, cfg in stage.variants:
+            k = _domain_cache_key(cfg)
+            if k in out:
+                continue
+            dom = registry.create("domain", cfg.domain.plugin, cfg.domain.options,
+                                  key=f"{_stage_key(config, i)}.domain", source=config.source,
+                                  extra={"image_size": config.input.size})
+            if not isinstance(dom, Domain):
+                raise TypeError(f"domain plugin {cfg.domain.plugin!r} returned {type(dom).__name__}, not mltl.Domain")
+            out[k] = dom
+    return out
+
+
+def check_networks(config: Config, registry: Registry) -> None:
+    """Build every variant's network (untrained, tiny placeholder classes) and resolve its freeze policy,
+    so an unknown backbone option or layer group fails before any training."""
+    built: dict[str, list[Network]] = {}
+    for i, stage in enumerate(config.stages):
+        key = _stage_key(config, i)
+        nets = []
+        for _, cfg in stage.variants:
+            if cfg.backbone is not None:
+                spec = make_spec(cfg.backbone.name, cfg.backbone.options, config.input.channels,
+                                 config.input.size, cfg.head or HeadSpec(), ("a", "b"))
+                candidates = [build_network(spec, registry, key=f"{key}.backbone", source=config.source)]
+            else:
+                candidates = [derive(p, registry, classes=("a", "b", "c"), head=cfg.head,
+                                     in_chans=config.input.channels, image_size=config.input.size,
+                                     key=key, source=config.source)[0] for p in built[cfg.init]]
+            errors = []
+            for net in candidates:
+                try:
+                    FreezePolicy(cfg.freeze).resolve(net, registry, key=f"{key}.freeze", source=config.source)
+                except ConfigError as exc:
+                    errors.append(exc)
+            if len(errors) == len(candidates):  # wrong for every network the stage may start from
+                raise errors[0]
+            nets.extend(candidates)
+        built[stage.name] = nets
+
+
+def validate(config: Config, registry: Registry | None = None) -> None:
+    """Everything that can be checked without data: plugin names and options, networks, freeze groups."""
+    registry = registry or get_registry()
+    for i, stage in enumerate(config.stages):
+        for _, cfg in stage.variants:
+            item = registry.get("domain", cfg.domain.plugin, key=f"stages[{i}].domain.plugin", source=config.source)
+            check_options(item.factory, cfg.domain.options, key=f"stages[{i}].domain", source=config.source,
+                          reserved={"image_size"})
+    for name in config.run.reporters or ():
+        registry.get("reporter", name, key="run.reporters", source=config.source)
+    check_networks(config, registry)
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", label.replace(",", "+"))
+
+
+def _predictions_csv(rows: list[Predictions]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    classes = rows[0].classes
+    w.writerow(["id", "split", "label"] + [f"p_{c}" for c in classes])
+    for p in rows:
+        for i in range(len(p)):
+            w.writerow([p.ids[i], p.split, classes[p.labels[i]]] + [repr(float(v)) for v in p.probs[i]])
+    return buf.getvalue()
+
+
+def _state_on_cpu(net: Network) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+
+
+class _StageRunner:
+    def __init__(self, config: Config, registry: Registry, device: torch.device, run_dir: Path,
+                 domains: dict[str, Domain], reporters: list[Any]) -> None:
+        self.config, self.registry, self.device, self.run_dir = config, registry, device, run_dir
+        self.domains, self.reporters = domains, reporters
+        self.selected: dict[str, Network] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def _images(self, cfg: StageConfig) -> torch.Tensor:
+        k = _domain_cache_key(cfg)
+        if k not in self._tensors:
+            dom = self.domains[k]
+            self._tensors = {k: prepare_images(dom.images, size=self.config.input.size,
+                                               channels=self.config.input.channels).to(self.device)}
+        return self._tensors[k]
+
+    def run(self, index: int, stage: Stage) -> StageResult:
+        config = self.config
+        key = _stage_key(config, index)
+        stage_dir = self.run_dir / stage.name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        call(self.reporters, "stage_started", stage_name=stage.name, stage_dir=stage_dir)
+        emit("mltl_stage_started", stage_name=stage.name, stage_dir=stage_dir)
+        seed = config.run.seed * 1000 + index  # the same for every variant: a fair comparison
+        sweeping = len(stage.variants) > 1
+        candidates: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None
+        for label, cfg in stage.variants:
+            domain = self.domains[_domain_cache_key(cfg)]
+            where = f"{config.source}: {key} ({cfg.domain.plugin}): "
+            splits = make_splits(domain, val=cfg.split.val, test=cfg.split.test,
+                                 seed=config.run.seed if cfg.split.seed is None else cfg.split.seed,
+                                 min_per_class=cfg.split.min_per_class, where=where)
+            x = self._images(cfg)
+            y = torch.from_numpy(domain.labels).to(self.device)
+            data = {s: TensorData(x[torch.from_numpy(idx).to(self.device)], y[torch.from_numpy(idx).to(self.device)])
+                    for s, idx in splits.items()}
+            torch.manual_seed(seed)
+            if cfg.backbone is not None:
+                spec = make_spec(cfg.backbone.name, cfg.backbone.options, config.input.channels,
+                                 config.input.size, cfg.head or HeadSpec(), domain.classes)
+                net = build_network(spec, self.registry, key=f"{key}.backbone", source=config.source)
+                start, note = f"new {cfg.backbone.name}", f"New {cfg.backbone.name} network"
+            else:
+                net, note = derive(self.selected[cfg.init], self.registry, classes=domain.classes, head=cfg.head,
+                                   in_chans=config.input.channels, image_size=config.input.size,
+                                   key=key, source=config.source)
+                start, note = f"from {cfg.init}", f"Started from stage {cfg.init}: {note}"
+            try:
+                frozen = FreezePolicy(cfg.freeze).resolve(net, self.registry, key=f"{key}.freeze",
+                                                          source=config.source)
+            except ConfigError as exc:
+                if not sweeping:
+                    raise
+                # e.g. "C1-C3" after the source sweep picked a network with two convolutions
+                candidates.append({"variant": label, "skipped": str(exc)})
+                continue
+            net.set_frozen(frozen)
+            net.to(self.device)
+
+            def on_epoch(epoch: int, row: dict[str, Any], _label: str = label, _cfg: StageConfig = cfg) -> None:
+                row = {**row, "epochs": _cfg.train.epochs}
+                call(self.reporters, "epoch_ended", stage_name=stage.name, variant=_label, epoch=epoch, metrics=row)
+                emit("mltl_epoch_ended", stage_name=stage.name, variant=_label, epoch=epoch, metrics=row)
+
+            fitted = fit(net, data["train"], data["val"], cfg.train, config.input, classes=domain.classes,
+                         seed=seed, on_epoch=on_epoch)
+            val_pred = Predictions(
+                ids=tuple(domain.ids[i] for i in splits["val"]), split="val",
+                labels=data["val"].y.cpu().numpy(), probs=predict_proba(net, data["val"].x, config.input),
+                classes=domain.classes)
+            val_metrics = classification_metrics(val_pred.labels, val_pred.probs, domain.classes)
+            value = metric_value(val_metrics, stage.select_by)
+            cand = {
+                "variant": label, "selection_value": value, "val": val_metrics, "best_epoch": fitted.best_epoch,
+                "epochs_run": len(fitted.history), "frozen": sorted(frozen, key=net.group_names().index),
+                "train_seconds": fitted.seconds,
+            }
+            candidates.append(cand)
+            vdir = stage_dir / "variants" / _safe(label) if sweeping else stage_dir
+            save_weights_atomic(vdir / "model.safetensors", net.state_dict(), {"spec": json.dumps(net.spec)})
+            write_json_atomic(vdir / "history.json", fitted.history)
+            if sweeping:
+                write_json_atomic(vdir / "val_metrics.json", {**cand, "config": attrs.asdict(cfg)})
+            if best is None or is_better(value, best["cand"]["selection_value"], stage.select_by):
+                net.to("cpu")
+                best = {"cand": cand, "net": net, "cfg": cfg, "domain": domain, "splits": splits,
+                        "val_pred": val_pred, "start": start, "note": note, "history": fitted.history}
+            del net
+        if best is None:
+            raise UserError(f"{config.source}: {key}: no variant of stage {stage.name} applies to the network "
+                            f"it starts from: " + "; ".join(c["skipped"] for c in candidates))
+        return self._finish(stage, stage_dir, best, candidates)
+
+    def _finish(self, stage: Stage, stage_dir: Path, best: dict[str, Any], candidates: list[dict[str, Any]]) -> StageResult:
+        """Evaluate the selected variant on the test split (its first and only look at it) and write the stage."""
+        config, cfg, domain, splits, net = self.config, best["cfg"], best["domain"], best["splits"], best["net"]
+        net.to(self.device)
+        x = self._images(cfg)
+        test_idx = splits["test"]
+        test_pred = Predictions(
+            ids=tuple(domain.ids[i] for i in test_idx), split="test", labels=domain.labels[test_idx],
+            probs=predict_proba(net, x[torch.from_numpy(test_idx).to(self.device)], config.input),
+            classes=domain.classes)
+        test_metrics = classification_metrics(test_pred.labels, test_pred.probs, domain.classes)
+        cand = best["cand"]
+        sweeping = len(stage.variants) > 1
+        selection = None
+        if sweeping:
+            selection = {"select_by": stage.select_by, "split": "val", "swept": list(stage.swept),
+                         "selected": cand["variant"], "candidates": candidates,
+                         "rule": f"highest validation {stage.select_by}" if stage.select_by != "loss"
+                         else "lowest validation loss", "ties": "the first listed variant wins"}
+            write_json_atomic(stage_dir / "selection.json", selection)
+        counts = split_counts(domain, splits)
+        metrics = {
+            "stage": stage.name,
+            "split": "test",
+            "auc_macro": test_metrics["auc_macro"],
+            "accuracy": test_metrics["accuracy"],
+            "balanced_accuracy": test_metrics["balanced_accuracy"],
+            "n_test": test_metrics["n"],
+            "loss": test_metrics["loss"],
+            "auc_per_class": test_metrics["auc_per_class"],
+            "confusion_matrix": test_metrics["confusion_matrix"],
+            "classes": list(domain.classes),
+            "val": {**cand["val"], "selection_value": cand["selection_value"]},
+            "select_by": stage.select_by,
+            "selected_variant": cand["variant"] or None,
+            "domain": cfg.domain.plugin,
+            "start": best["start"],
+            "inherited": best["note"],
+            "frozen": cand["frozen"],
+            "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
+            "best_epoch": cand["best_epoch"],
+            "epochs_run": cand["epochs_run"],
+            "train_seconds": cand["train_seconds"],
+            "n_images": {s: int(len(idx)) for s, idx in splits.items()},
+            "class_counts": counts,
+        }
+        save_weights_atomic(stage_dir / "model.safetensors", net.state_dict(), {"spec": json.dumps(net.spec)})
+        write_text_atomic(stage_dir / "model.json", json.dumps(
+            {"spec": net.spec, "input": attrs.asdict(config.input), "frozen": cand["frozen"]}, indent=2) + "\n")
+        write_json_atomic(stage_dir / "metrics.json", metrics)
+        write_json_atomic(stage_dir / "history.json", best["history"])
+        write_text_atomic(stage_dir / "predictions.csv", _predictions_csv([best["val_pred"], test_pred]))
+        split_rows = io.StringIO()
+        wr = csv.writer(split_rows, lineterminator="\n")
+        wr.writerow(["id", "label", "split"])
+        for s, idx in splits.items():
+            for i in idx:
+                wr.writerow([domain.ids[i], domain.classes[domain.labels[i]], s])
+        write_text_atomic(stage_dir / "splits.csv", split_rows.getvalue())
+        net.to("cpu")
+        self.selected[stage.name] = net
+        result = StageResult(name=stage.name, stage_dir=stage_dir, classes=domain.classes, test=test_pred,
+                             metrics=metrics, selection=selection)
+        call(self.reporters, "stage_finished", result=result)
+        emit("mltl_stage_finished", result=result)
+        return result
+
+
+def make_reporters(config: Config, registry: Registry) -> list[Any]:
+    names = config.run.reporters if config.run.reporters is not None else registry.names("reporter")
+    return [registry.create("reporter", n, {}, key="run.reporters", source=config.source) for n in names]
+
+
+def run(config: Config | str | Path, *, out: str | Path | None = None, device: str | None = None,
+        overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
+    """Run a chain: ``config`` is a :class:`Config` or a path to a TOML file (``overrides`` apply to a path)."""
+    if not isinstance(config, Config):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise ValueError("overrides apply to a config file path; pass a path, or apply them with load_config")
+    registry = get_registry()
+    dev = resolve_device(device or config.run.device)
+    validate(config, registry)
+    domains = load_domains(config, registry)
+    reporters = [ConsoleReporter()] + make_reporters(config, registry)
+    run_dir = choose_run_dir(str(out) if out is not None else config.run.out, config.run.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.run.seed)
+    env = environment(dev, config.run.seed)
+    write_text_atomic(run_dir / "config.toml", dump_toml(config.raw))
+    write_json_atomic(run_dir / "environment.json", env)
+    write_json_atomic(run_dir / "state.json", {"state": "running", "since": env["time_utc"]})
+    t0 = time.perf_counter()
+    runner = _StageRunner(config, registry, dev, run_dir, domains, reporters)
+    results: list[StageResult] = []
+    try:
+        for i, stage in enumerate(config.stages):
+            results.append(runner.run(i, stage))
+        write_report(run_dir, config.raw, results, env)
+        call(reporters, "run_finished", results=results, run_dir=run_dir)
+        emit("mltl_run_finished", results=results, run_dir=run_dir)
+        write_report(run_dir, config.raw, results, env)  # again, now with the reporters' figures
+    except BaseException as exc:
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        write_json_atomic(run_dir / "state.json", {"state": "failed", "reason": reason,
+                                                   "stages_finished": [r.name for r in results]})
+        raise
+    write_json_atomic(run_dir / "state.json", {"state": "finished", "seconds": time.perf_counter() - t0})
+    return RunResult(run_dir=run_dir, stages=tuple(results))
+
+
+__all__ = ["RunResult", "run", "validate", "resolve_device", "ConfigError"]

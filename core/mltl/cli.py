@@ -1,0 +1,111 @@
+"""The ``mltl`` command: run, validate, plugins.
+
+Exit status: 0 on success, 2 on a user error (one line on stderr, no traceback), 1 on an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import UserError
+
+EPILOG_RUN = """examples:
+  mltl run examples/rare_liver.toml
+  mltl run examples/rare_liver.toml --set stages.target.train.epochs=50 --out runs/liver-50
+  mltl run examples/rare_kidney.toml --device cuda --set 'stages.intermediate.freeze={ sweep = ["C1", "C1-C2"] }'
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mltl", description="Multi-stage transfer learning for rare medical image datasets.")
+    p.add_argument("--version", action="version", version=f"mltl {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a chain from a TOML stage list", epilog=EPILOG_RUN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("config", help="the stage-list TOML file")
+    r.add_argument("--out", help="the run directory (new or empty); default runs/<run name>[-N]")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. stages.target.train.epochs=5 (repeatable)")
+    r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N; overrides [run] device")
+
+    v = sub.add_parser("validate", help="check a config without training",
+                       epilog="example:\n  mltl validate examples/rare_liver.toml --set stages.source.train.epochs=2",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("config")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("plugins", help="list installed plugins, their distributions and what they provide",
+                   epilog="example:\n  MLTL_LOAD_PLUGINS=mltl-gfe mltl plugins",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        os.environ["MLTL_QUIET"] = "1"
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        return {"run": _run, "validate": _validate, "plugins": _plugins}[args.command](args)
+    except UserError as exc:
+        print(f"mltl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mltl: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .chain import run
+
+    result = run(args.config, out=args.out, device=args.device, overrides=args.overrides)
+    print(result.run_dir)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .chain import validate
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    validate(config)
+    n = sum(len(s.variants) for s in config.stages)
+    print(f"{args.config}: OK ({len(config.stages)} stages, {n} variants to train)")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plugins import get_registry, plugin_infos
+
+    registry = get_registry()
+    provides: dict[str, list[str]] = {}
+    for kind in ("domain", "backbone", "freeze policy", "reporter"):
+        for item in registry.all(kind):
+            provides.setdefault(item.plugin, []).append(f"{kind} {item.name}")
+    table = Table(title="mltl plugins")
+    for col in ("plugin", "distribution", "version", "provides", "hooks"):
+        table.add_column(col)
+    for info in plugin_infos():
+        table.add_row(info.name, info.distribution or "-", info.version or "-",
+                      "\n".join(provides.get(info.name, [])) or "-", "\n".join(info.hooks))
+    Console(width=max(120, Console().width)).print(table)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""The stage-list config: TOML in, validated attrs objects out.
+
+Reading a config never executes code: TOML is parsed with :mod:`tomllib` and every key is checked
+against the classes below. Every error names the file, the key path (``stages[1].freeze``) and the
+problem, and suggests the closest valid key for a typo. ``--set KEY=VALUE`` overrides (:func:`apply_overrides`)
+are applied to the parsed TOML before validation, so they are checked the same way.
+
+A **sweep** is a table ``{ sweep = [v1, v2, ...], select_by = "auc" }`` in place of any value of a stage
+(``backbone``, ``freeze``, ``train.lr``, ``domain.size``, ...). The stage then trains one variant per value
+(the cartesian product when several keys are swept), picks the best on the validation split by
+``select_by``, and hands only the winner on. The paper's choice of GFE structure and its freeze variants
+are both sweeps.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from .errors import ConfigError, UserError, did_you_mean
+from .network import HeadSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
+
+
+def doc(text: str, **kw: Any) -> dict[str, Any]:
+    return {"doc": text, **kw}
+
+
+def _positive(instance, attribute, value) -> None:
+    if value is not None and value <= 0:
+        raise ValueError("must be greater than 0")
+
+
+def _non_negative(instance, attribute, value) -> None:
+    if value is not None and value < 0:
+        raise ValueError("must be 0 or more")
+
+
+def _fraction(instance, attribute, value) -> None:
+    if not 0 < value < 1:
+        raise ValueError("must be a fraction between 0 and 1 (exclusive)")
+
+
+def _unit_interval(instance, attribute, value) -> None:
+    if not 0 <= value < 1:
+        raise ValueError("must be at least 0 and below 1")
+
+
+@attrs.frozen
+class RunSection:
+    name: str = attrs.field(metadata=doc("Run name; the run directory defaults to runs/<name>."))
+    seed: int = attrs.field(default=0, metadata=doc("Seed for splits, initialisation and batch order."))
+    device: str = attrs.field(default="auto", metadata=doc('"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".'))
+    out: str | None = attrs.field(default=None, metadata=doc("Run directory; relative paths are relative to the working directory."))
+    reporters: tuple[str, ...] | None = attrs.field(default=None, metadata=doc("Reporters to use; default all installed."))
+
+    @device.validator
+    def _device(self, attribute, value) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError('must be "auto", "cpu", "cuda", "cuda:N" or "mps"')
+
+
+@attrs.frozen
+class InputConfig:
+    size: int = attrs.field(default=64, validator=_positive, metadata=doc("Square input size in pixels for every stage (paper: 150)."))
+    channels: Literal[1, 3] = attrs.field(default=1, metadata=doc("Input channels: 1 (grey) or 3 (RGB; grey images are replicated)."))
+    mean: float = attrs.field(default=0.5, metadata=doc("Normalisation: (pixel/255 - mean) / std."))
+    std: float = attrs.field(default=0.25, validator=_positive, metadata=doc("Normalisation: (pixel/255 - mean) / std."))
+
+
+@attrs.frozen
+class DomainRef:
+    plugin: str = attrs.field(metadata=doc("Registered domain name (`mltl plugins`)."))
+    options: dict[str, Any] = attrs.field(factory=dict, metadata=doc("Every other key of the table, passed to the domain."))
+
+
+@attrs.frozen
+class BackboneRef:
+    name: str = attrs.field(metadata=doc("Registered backbone name (`mltl plugins`)."))
+    options: dict[str, Any] = attrs.field(factory=dict, metadata=doc("Every other key of the table, passed to the backbone."))
+
+
+@attrs.frozen
+class SplitConfig:
+    val: float = attrs.field(default=0.2, validator=_fraction, metadata=doc("Fraction of each class for validation (model selection, early stopping)."))
+    test: float = attrs.field(default=0.2, validator=_fraction, metadata=doc("Fraction of each class for the untouched test split."))
+    seed: int | None = attrs.field(default=None, metadata=doc("Split seed; default: the run seed."))
+    min_per_class: int = attrs.field(default=1, validator=_positive, metadata=doc("Fewest images of each class in validation and test."))
+
+
+@attrs.frozen
+class TrainConfig:
+    epochs: int = attrs.field(default=10, validator=_positive, metadata=doc("Training epochs (paper: 1500)."))
+    batch_size: int = attrs.field(default=64, validator=_positive, metadata=doc("Mini-batch size (paper: 64)."))
+    optimizer: Literal["sgd", "adamw"] = attrs.field(default="sgd", metadata=doc("SGD with momentum, or AdamW."))
+    lr: float = attrs.field(default=0.01, validator=_positive, metadata=doc("Initial learning rate (paper: 0.01)."))
+    momentum: float = attrs.field(default=0.9, validator=_unit_interval, metadata=doc("SGD momentum."))
+    weight_decay: float = attrs.field(default=0.0, validator=_non_negative, metadata=doc("Weight decay."))
+    schedule: Literal["cosine", "step", "constant"] = attrs.field(default="cosine", metadata=doc("Learning-rate schedule over the epochs."))
+    step_epochs: int = attrs.field(default=30, validator=_positive, metadata=doc('"step" schedule: epochs between decays.'))
+    step_gamma: float = attrs.field(default=0.1, validator=_positive, metadata=doc('"step" schedule: decay factor.'))
+    warmup_epochs: int = attrs.field(default=0, validator=_non_negative, metadata=doc("Linear warm-up epochs."))
+    patience: int | None = attrs.field(default=None, validator=_positive, metadata=doc("Early stopping: epochs without validation improvement; none = off."))
+    monitor: Literal["auc", "accuracy", "balanced_accuracy", "loss"] = attrs.field(default="loss", metadata=doc("Validation metric for early stopping and the best-epoch checkpoint."))
+    class_weighted: bool = attrs.field(default=False, metadata=doc("Weight the loss by inverse class frequency of the training split."))
+    label_smoothing: float = attrs.field(default=0.0, validator=_unit_interval, metadata=doc("Label smoothing of the cross-entropy."))
+    augment: tuple[Literal["hflip", "vflip", "shift"], ...] = attrs.field(default=(), metadata=doc('On-device batch augmentation: any of "hflip", "vflip", "shift" (up to 1/8 of the size).'))
+
+
+@attrs.frozen
+class StageConfig:
+    """One concrete stage (a sweep expands into several of these, its variants)."""
+
+    name: str = attrs.field(metadata=doc("Stage name, unique in the chain; later stages refer to it with init."))
+    domain: DomainRef = attrs.field(metadata=doc('The data: { plugin = "...", options... }.'))
+    backbone: BackboneRef | None = attrs.field(default=None, metadata=doc('A new network: "name" or { name = "...", options... }. Exclusive with init.'))
+    init: str | None = attrs.field(default=None, metadata=doc("Start from the selected model of this earlier stage. Exclusive with backbone."))
+    head: HeadSpec | None = attrs.field(default=None, metadata=doc("Replace the head: { dense = [widths], dropout = p }. Default: keep the earlier stage's head, new classifier when the classes differ."))
+    freeze: str = attrs.field(default="none", metadata=doc('Layer groups to freeze: "C1-C3", "C1,F1", "none", "inherited", "all-but-classifier".'))
+    split: SplitConfig = attrs.field(factory=SplitConfig, metadata=doc("Train/validation/test split."))
+    train: TrainConfig = attrs.field(factory=TrainConfig, metadata=doc("Training settings."))
+    select_by: Literal["auc", "accuracy", "balanced_accuracy", "loss"] = attrs.field(default="auc", metadata=doc("Validation metric that picks a sweep's winner."))
+
+
+@attrs.frozen
+class Stage:
+    """A stage with its variants: one per combination of swept values (one when nothing is swept)."""
+
+    name: str
+    variants: tuple[tuple[str, StageConfig], ...]  # (label such as "freeze=C1-C2", config)
+    select_by: str
+    swept: tuple[str, ...]  # the swept key paths
+
+    @property
+    def first(self) -> StageConfig:
+        return self.variants[0][1]
+
+
+@attrs.frozen
+class Config:
+    run: RunSection
+    input: InputConfig
+    stages: tuple[Stage, ...]
+    source: str  # the file it came from, for messages
+    raw: dict[str, Any]  # the TOML after overrides, written to the run directory
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+TOP_LEVEL = {"run": RunSection, "input": InputConfig, "stages": None}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a config file. Raises :class:`ConfigError` with file and key."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{source}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{source}: cannot read the config: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{source}: invalid TOML: {exc}") from None
+    raw = apply_overrides(raw, overrides, source)
+    return parse_config(raw, source)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"unknown key{did_you_mean(key, TOP_LEVEL)}", key=key, source=source)
+    if "run" not in raw or "name" not in raw.get("run", {}):
+        raise ConfigError('missing required key "name" (give the run a name)', key="run", source=source)
+    run = _parse_attrs(RunSection, raw["run"], "run", source)
+    inp = _parse_attrs(InputConfig, raw.get("input", {}), "input", source)
+    raw_stages = raw.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise ConfigError("the config needs at least one [[stages]] table", key="stages", source=source)
+    stages: list[Stage] = []
+    for i, raw_stage in enumerate(raw_stages):
+        key = f"stages[{i}]"
+        if not isinstance(raw_stage, dict):
+            raise ConfigError("each stage must be a table ([[stages]])", key=key, source=source)
+        stage = _parse_stage(raw_stage, key, source)
+        _check_chain(stage, stages, key, source)
+        stages.append(stage)
+    return Config(run=run, input=inp, stages=tuple(stages), source=source, raw=raw)
+
+
+def _check_chain(stage: Stage, earlier: list[Stage], key: str, source: str) -> None:
+    names = [s.name for s in earlier]
+    if stage.name in names:
+        raise ConfigError(f'stage name "{stage.name}" is used twice; stage names must be unique', key=f"{key}.name", source=source)
+    for label, cfg in stage.variants:
+        if (cfg.backbone is None) == (cfg.init is None):
+            raise ConfigError(
+                "a stage needs exactly one of backbone (a new network) or init (an earlier stage's model)",
+                key=key, source=source,
+            )
+        if cfg.init is not None and cfg.init not in names:
+            if cfg.init == stage.name:
+                problem = f'"{cfg.init}" is this stage itself'
+            else:
+                problem = f'"{cfg.init}" names no earlier stage'
+            hint = f"; earlier stages: {', '.join(names)}" if names else "; the first stage needs a backbone"
+            raise ConfigError(problem + hint, key=f"{key}.init", source=source)
+        if cfg.freeze.strip() == "inherited" and cfg.init is None:
+            raise ConfigError('freeze = "inherited" needs init (nothing is inherited from a new backbone)',
+                              key=f"{key}.freeze", source=source)
+
+
+def _parse_stage(raw: dict[str, Any], key: str, source: str) -> Stage:
+    sweeps = _find_sweeps(raw, key, source)
+    select_by = raw.get("select_by", "auc")
+    for path, (_, sel) in sweeps.items():
+        if sel is not None:
+            if "select_by" in raw and sel != select_by:
+                raise ConfigError(f'select_by "{sel}" conflicts with the stage\'s select_by "{select_by}"',
+                                  key=f"{key}.{path}.select_by", source=source)
+            select_by = sel
+    variants = []
+    paths = list(sweeps)
+    for combo in itertools.product(*(sweeps[p][0] for p in paths)) if paths else [()]:
+        concrete = copy.deepcopy(raw)
+        concrete["select_by"] = select_by
+        for path, value in zip(paths, combo):
+            _set_path(concrete, path.split("."), value)
+        label = ",".join(f"{p}={_label(v)}" for p, v in zip(paths, combo))
+        variants.append((label, _parse_stage_config(concrete, key, source)))
+    labels = [lab for lab, _ in variants]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("a sweep lists the same value twice", key=key, source=source)
+    first = variants[0][1]
+    return Stage(name=first.name, variants=tuple(variants), select_by=first.select_by, swept=tuple(paths))
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("name", value.get("plugin", json.dumps(value, sort_keys=True))))
+    return str(value)
+
+
+def _find_sweeps(raw: dict[str, Any], key: str, source: str, prefix: str = "") -> dict[str, tuple[list, str | None]]:
+    found: dict[str, tuple[list, str | None]] = {}
+    for k, v in raw.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and "sweep" in v:
+            extra = set(v) - {"sweep", "select_by"}
+            if extra:
+                raise ConfigError(f"a sweep table takes only sweep and select_by, not {sorted(extra)}",
+                                  key=f"{key}.{path}", source=source)
+            values = v["sweep"]
+            if not isinstance(values, list) or len(values) < 1:
+                raise ConfigError("sweep must be a non-empty list of values", key=f"{key}.{path}.sweep", source=source)
+            sel = v.get("select_by")
+            if sel is not None and sel not in METRICS:
+                raise ConfigError(f'unknown metric "{sel}"{did_you_mean(str(sel), METRICS)}',
+                                  key=f"{key}.{path}.select_by", source=source)
+            if k in ("name", "init"):
+                raise ConfigError(f"{k} cannot be swept", key=f"{key}.{path}", source=source)
+            found[path] = (values, sel)
+        elif isinstance(v, dict):
+            found.update(_find_sweeps(v, key, source, prefix=f"{path}."))
+    return found
+
+
+def _set_path(d: dict[str, Any], parts: list[str], value: Any) -> None:
+    for p in parts[:-1]:
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def _parse_stage_config(raw: dict[str, Any], key: str, source: str) -> StageConfig:
+    raw = dict(raw)
+    if "name" not in raw or not isinstance(raw["name"], str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", raw["name"]):
+        raise ConfigError("every stage needs a name of letters, digits, '_', '.' or '-'", key=f"{key}.name", source=source)
+    if "domain" not in raw:
+        raise ConfigError('missing required key "domain" (e.g. domain = { plugin = "ct-phantom" })', key=key, source=source)
+    raw["domain"] = _plugin_ref(raw["domain"], "plugin", DomainRef, f"{key}.domain", source)
+    if "backbone" in raw:
+        raw["backbone"] = _plugin_ref(raw["backbone"], "name", BackboneRef, f"{key}.backbone", source)
+    return _parse_attrs(StageConfig, raw, key, source, prebuilt={"domain", "backbone"})
+
+
+def _plugin_ref(value: Any, name_key: str, cls: type, key: str, source: str) -> Any:
+    if isinstance(value, str):
+        value = {name_key: value}
+    if not isinstance(value, dict) or not isinstance(value.get(name_key), str):
+        raise ConfigError(f'expected "name" or a table with a "{name_key}" key', key=key, source=source)
+    options = {k: v for k, v in value.items() if k != name_key}
+    return cls(value[name_key], options)
+
+
+def _parse_attrs(cls: type, raw: Any, key: str, source: str, prebuilt: set[str] = frozenset()) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a table, got {_type_name(raw)}", key=key, source=source)
+    fields = {f.name: f for f in attrs.fields(attrs.resolve_types(cls))}
+    for k in raw:
+        if k not in fields:
+            raise ConfigError(f"unknown key{did_you_mean(k, fields)}", key=f"{key}.{k}", source=source)
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is attrs.NOTHING:
+                raise ConfigError(f'missing required key "{name}"', key=key, source=source)
+            continue
+        value = raw[name]
+        kwargs[name] = value if name in prebuilt else _convert(value, f.type, f"{key}.{name}", source)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        # attrs validators raise with a message about one field; find which
+        for name in kwargs:
+            try:
+                f = fields[name]
+                if f.validator is not None:
+                    f.validator(None, f, kwargs[name])
+            except ValueError as field_exc:
+                raise ConfigError(f"{kwargs[name]!r} {field_exc}", key=f"{key}.{name}", source=source) from None
+        raise ConfigError(str(exc), key=key, source=source) from None
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        if value is None:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], key, source)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+            choices = [str(a) for a in args]
+            raise ConfigError(f"{value!r} is not one of {', '.join(repr(a) for a in args)}"
+                              f"{did_you_mean(str(value), choices) if isinstance(value, str) else ''}",
+                              key=key, source=source)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list, got {_type_name(value)}", key=key, source=source)
+        return tuple(_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a table, got {_type_name(value)}", key=key, source=source)
+        return value
+    if attrs.has(tp):
+        return _parse_attrs(tp, value, key, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {_type_name(value)} {value!r}", key=key, source=source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {_type_name(value)} {value!r}", key=key, source=source)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"expected a number, got {_type_name(value)} {value!r}", key=key, source=source)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {_type_name(value)} {value!r}", key=key, source=source)
+        return value
+    raise TypeError(f"config type {tp!r} not handled")  # a bug in this module, not a user error
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], source: str) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` overrides; ``stages.NAME`` (or ``stages.INDEX``) addresses a stage.
+
+    VALUE is read as a TOML value (``5``, ``0.01``, ``true``, ``["C1", "C1-C2"]``, ``{ sweep = [1, 2] }``)
+    and as a plain string when it is not one (``stages.target.freeze=C1-C2``).
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        where = f"--set {item}"
+        if "=" not in item:
+            raise UserError(f'{where}: expected KEY=VALUE, e.g. --set stages.target.train.epochs=5')
+        path, _, text = item.partition("=")
+        parts = [p for p in path.strip().split(".")]
+        if not all(parts):
+            raise UserError(f"{where}: empty key segment in {path!r}")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node: Any = raw
+        walked: list[str] = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                if part in names:
+                    idx = names.index(part)
+                elif part.isdigit() and int(part) < len(node):
+                    idx = int(part)
+                else:
+                    raise UserError(f'{where}: no stage "{part}"{did_you_mean(part, [n for n in names if n])}')
+                if last:
+                    raise UserError(f"{where}: cannot replace a whole stage; set one of its keys")
+                node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if part not in node:
+                        node[part] = {}
+                    elif not isinstance(node[part], (dict, list)):
+                        raise UserError(f"{where}: {'.'.join(walked + [part])} is a value, not a table")
+                    node = node[part]
+            walked.append(part)
+    return raw
+
+
+# ---------------------------------------------------------------- writing
+
+
+def dump_toml(raw: dict[str, Any]) -> str:
+    """TOML text for a parsed config (tables and arrays of tables, values as TOML literals)."""
+    lines: list[str] = []
+    scalars = {k: v for k, v in raw.items() if not isinstance(v, (dict, list)) or _is_value_list(v)}
+    for k, v in scalars.items():
+        lines.append(f"{_key(k)} = {_value(v)}")
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{_key(k)}]")
+            lines.extend(f"{_key(k2)} = {_value(v2)}" for k2, v2 in v.items())
+        elif isinstance(v, list) and not _is_value_list(v):
+            for item in v:
+                lines.append(f"\n[[{_key(k)}]]")
+                lines.extend(f"{_key(k2)} = {_value(v2)}" for k2, v2 in item.items())
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _is_value_list(v: Any) -> bool:
+    return isinstance(v, list) and not (v and all(isinstance(x, dict) for x in v))
+
+
+def _key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int,)):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")

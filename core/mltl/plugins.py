@@ -1,0 +1,293 @@
+"""The plugin manager and the registry of what plugins provide.
+
+Load order: mltl's built-ins first (``mltl.builtins``), then installed distributions' entry points in
+group ``mltl``, each loaded once, lazily (the first time something asks for the registry). Set
+``MLTL_LOAD_PLUGINS`` to a comma-separated list of distribution names to load only those (an empty value
+loads none but the built-ins). After loading, ``check_pending()`` makes a misspelled hook fail at once.
+
+Core code never calls ``pm.hook.*`` itself: it goes through :class:`Registry` and :func:`emit`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError, UserError, did_you_mean
+
+if sys.version_info >= (3, 10):
+    from importlib.metadata import entry_points
+else:  # pragma: no cover
+    from importlib_metadata import entry_points
+
+ENTRY_POINT_GROUP = "mltl"
+KINDS = ("domain", "backbone", "freeze policy", "reporter")
+
+
+@attrs.frozen
+class Registered:
+    """One thing a plugin provides: its kind, name, factory, and the plugin that registered it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    description: str = ""
+
+
+@attrs.frozen
+class PluginInfo:
+    name: str
+    distribution: str  # "" for built-ins and in-process plugins
+    version: str
+    hooks: tuple[str, ...]
+
+
+_pm: pluggy.PluginManager | None = None
+_registry: Registry | None = None
+_distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("mltl")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with built-ins and entry points loaded (once)."""
+    global _pm
+    if _pm is None:
+        from . import builtins
+
+        pm = _new_manager()
+        pm.register(builtins, name="mltl.builtins")
+        _load_entry_points(pm)
+        pm.check_pending()
+        _pm = pm
+    return _pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    wanted = os.environ.get("MLTL_LOAD_PLUGINS")
+    allowed = None if wanted is None else {w.strip() for w in wanted.split(",") if w.strip()}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else ""
+        if allowed is not None and dist not in allowed and ep.name not in allowed:
+            continue
+        if pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken third-party install must not hide which one it is
+            raise UserError(
+                f'plugin "{ep.name}" from distribution "{dist}" failed to import: {exc}; '
+                f"reinstall or uninstall it, or exclude it with MLTL_LOAD_PLUGINS"
+            ) from exc
+        pm.register(plugin, name=ep.name)
+        _distributions[ep.name] = (dist, ep.dist.version if ep.dist is not None else "")
+
+
+def register_plugin(plugin: object, name: str | None = None) -> None:
+    """Register a plugin in this process, without an entry point (notebooks, tests).
+
+    ``plugin`` is a module or an object with :data:`mltl.hookimpl` functions.
+    """
+    global _registry
+    pm = get_plugin_manager()
+    pm.register(plugin, name=name)
+    pm.check_pending()
+    _registry = None  # rebuilt on next use, now including this plugin
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered with :func:`register_plugin`."""
+    global _registry
+    get_plugin_manager().unregister(name=name)
+    _registry = None
+
+
+def reset() -> None:
+    """Forget the loaded plugins; the next use loads them again (tests use this)."""
+    global _pm, _registry
+    _pm = None
+    _registry = None
+    _distributions.clear()
+
+
+def plugin_infos() -> list[PluginInfo]:
+    """Each loaded plugin, its distribution and version, and the hooks it implements."""
+    from . import __version__
+
+    pm = get_plugin_manager()
+    infos = []
+    for name, plugin in pm.list_name_plugin():
+        hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
+        if name == "mltl.builtins":
+            dist, version = "mltl", __version__
+        else:
+            dist, version = _distributions.get(name, ("", ""))
+        infos.append(PluginInfo(name=name, distribution=dist, version=version, hooks=hooks))
+    return infos
+
+
+class Registry:
+    """Domains, backbones, freeze policies and reporters by name, collected from every plugin."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._items: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
+        hooks = (
+            ("domain", pm.hook.register_domains),
+            ("backbone", pm.hook.register_backbones),
+            ("freeze policy", pm.hook.register_freeze_policies),
+            ("reporter", pm.hook.register_reporters),
+        )
+        for kind, hook in hooks:
+            for impl in hook.get_hookimpls():
+                impl.function(register=self._registrar(kind, impl.plugin_name))
+
+    def _registrar(self, kind: str, plugin: str) -> Callable[..., None]:
+        def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"plugin {plugin!r} registered a {kind} without a name")
+            if not callable(factory):
+                raise TypeError(f"plugin {plugin!r} registered {kind} {name!r} with a non-callable")
+            existing = self._items[kind].get(name)
+            if existing is not None:
+                raise UserError(
+                    f'{kind} "{name}" is registered twice, by plugins "{existing.plugin}" and "{plugin}"; '
+                    f"uninstall one, or restrict loading with MLTL_LOAD_PLUGINS"
+                )
+            description = description or (inspect.getdoc(factory) or "").split("\n")[0]
+            self._items[kind][name] = Registered(kind, name, factory, plugin, description)
+
+        return register
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._items[kind])
+
+    def all(self, kind: str) -> list[Registered]:
+        return [self._items[kind][n] for n in self.names(kind)]
+
+    def get(self, kind: str, name: str, *, key: str = "", source: str = "") -> Registered:
+        """The registered thing, or a :class:`ConfigError` naming the key and the closest valid name."""
+        try:
+            return self._items[kind][name]
+        except KeyError:
+            raise ConfigError(
+                f'unknown {kind} "{name}"{did_you_mean(name, self._items[kind])} '
+                f"(`mltl plugins` lists what is installed)",
+                key=key,
+                source=source,
+            ) from None
+
+    def create(self, kind: str, name: str, options: dict[str, Any], *, key: str = "", source: str = "",
+               extra: dict[str, Any] | None = None) -> Any:
+        """Call the factory registered as ``name`` with ``options`` checked against its signature.
+
+        ``extra`` holds values mltl supplies (e.g. ``image_size``); each is passed only when the factory
+        declares a parameter of that name, and a config cannot set it.
+        """
+        item = self.get(kind, name, key=key, source=source)
+        extra = extra or {}
+        kwargs = check_options(item.factory, options, key=key, source=source, reserved=set(extra))
+        params = inspect.signature(item.factory).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        kwargs.update({k: v for k, v in extra.items() if k in params or takes_any})
+        return item.factory(**kwargs)
+
+
+def get_registry() -> Registry:
+    """The registry built from every loaded plugin (built once, rebuilt after :func:`register_plugin`)."""
+    global _registry
+    if _registry is None:
+        _registry = Registry(get_plugin_manager())
+    return _registry
+
+
+def emit(event: str, **kwargs: Any) -> None:
+    """Call a run-event hook (``mltl_stage_started`` ...) in every plugin."""
+    getattr(get_plugin_manager().hook, event)(**kwargs)
+
+
+_PLAIN_TYPES: dict[Any, tuple[type, ...]] = {
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+    bool: (bool,),
+    list: (list, tuple),
+    tuple: (list, tuple),
+    dict: (dict,),
+}
+
+
+def _accepted_types(annotation: Any) -> tuple[type, ...] | None:
+    """The Python types a TOML value may have for ``annotation``; None when we cannot tell."""
+    if annotation in _PLAIN_TYPES:
+        return _PLAIN_TYPES[annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return (list, tuple)
+    if origin is dict:
+        return (dict,)
+    if origin in (typing.Union, types.UnionType):
+        accepted: list[type] = []
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                accepted.append(type(None))
+                continue
+            sub = _accepted_types(arg)
+            if sub is None:
+                return None
+            accepted.extend(sub)
+        return tuple(accepted)
+    if origin is typing.Literal:
+        return tuple({type(a) for a in typing.get_args(annotation)})
+    return None
+
+
+def check_options(factory: Callable[..., Any], options: dict[str, Any], *, key: str = "", source: str = "",
+                  reserved: Iterable[str] = ()) -> dict[str, Any]:
+    """Check config options against a factory's keyword parameters; return them as keyword arguments."""
+    reserved = set(reserved)
+    sig = inspect.signature(factory)
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:
+        hints = {}
+    params = {
+        n: p for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in reserved
+    }
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    prefix = f"{key}." if key else ""
+    for name, value in options.items():
+        if name not in params:
+            if takes_any:
+                continue
+            raise ConfigError(f"unknown option{did_you_mean(name, params)}", key=prefix + name, source=source)
+        annotation = hints.get(name, params[name].annotation)
+        accepted = _accepted_types(annotation)
+        bad_bool = isinstance(value, bool) and bool not in (accepted or ()) and accepted is not None
+        if accepted is not None and (bad_bool or not isinstance(value, accepted)):
+            want = " or ".join(sorted({t.__name__ for t in accepted}))
+            raise ConfigError(
+                f"expected {want}, got {type(value).__name__} {value!r}", key=prefix + name, source=source
+            )
+        if typing.get_origin(annotation) is typing.Literal and value not in typing.get_args(annotation):
+            choices = [str(a) for a in typing.get_args(annotation)]
+            raise ConfigError(f"{value!r} is not allowed{did_you_mean(str(value), choices)}",
+                              key=prefix + name, source=source)
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in options]
+    if missing:
+        raise ConfigError(f'missing required option "{missing[0]}"', key=key, source=source)
+    return dict(options)

@@ -1,0 +1,78 @@
+"""CT abdomen and rare-disease domains.
+
+``ct-phantom``: seeded synthetic axial abdominal CT slices in Hounsfield units (see
+:mod:`mltl_ct.phantom`), windowed to 8 bit; classes ``normal``, ``cyst``, ``calculi``, ``tumour``,
+``caroli-focal``, ``caroli-diffuse``. The main demo runs on it with no download. Give each stage of a
+chain its own ``seed``: images of one seed and class are identical across stages, which would leak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mltl import Domain, UserError, hookimpl
+
+from . import phantom
+
+CACHE_VERSION = 1
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MLTL_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mltl")
+    return Path(root) / "ct-phantom"
+
+
+def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images_per_class: int = 100,  # noqa: B006
+                      seed: int = 0, window: str | list[float] = "abdomen", size: int | None = None,
+                      cache: bool = True, *, image_size: int = 64) -> Domain:
+    """Synthetic abdominal CT slices (HU phantom with cysts, calculi, tumours, Caroli disease), windowed."""
+    unknown = [c for c in classes if c not in phantom.CLASSES]
+    if unknown:
+        raise UserError(f'ct-phantom: unknown class "{unknown[0]}"; available: {", ".join(phantom.CLASSES)}')
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise UserError("ct-phantom: classes must list at least two different class names")
+    if images_per_class < 3:
+        raise UserError(f"ct-phantom: images_per_class must be at least 3, got {images_per_class}")
+    if isinstance(window, str):
+        if window not in phantom.WINDOWS:
+            raise UserError(f'ct-phantom: unknown window "{window}"; presets: {", ".join(phantom.WINDOWS)}, '
+                            f"or [level, width] in HU")
+        level, width = phantom.WINDOWS[window]
+    elif len(window) == 2 and window[1] > 0:
+        level, width = float(window[0]), float(window[1])
+    else:
+        raise UserError(f"ct-phantom: window must be a preset name or [level, width] with width > 0, got {window}")
+    side = size or image_size
+    key = json.dumps([CACHE_VERSION, list(classes), images_per_class, side, seed, level, width])
+    path = _cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
+    images = labels = None
+    if cache and path.exists():
+        try:
+            with np.load(path) as z:
+                images, labels = z["images"], z["labels"]
+        except (OSError, ValueError, KeyError):
+            images = None  # a damaged cache file is regenerated
+    if images is None:
+        images, labels = phantom.generate(classes, images_per_class, size=side, seed=seed, window=(level, width))
+        if cache:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+                np.savez(tmp, images=images, labels=labels)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # the cache is an optimisation; a read-only home must not stop a run
+    ids = tuple(f"ct-phantom/{seed}/{classes[labels[i]]}/{i - int(labels[i]) * images_per_class}"
+                for i in range(len(labels)))
+    return Domain(classes=tuple(classes), images=images, labels=labels, ids=ids,
+                  description=f"CT phantom, {images_per_class} per class, seed {seed}, window {level}/{width}")
+
+
+@hookimpl
+def register_domains(register):
+    register("ct-phantom", ct_phantom_domain)
