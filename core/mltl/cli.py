@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override any config key, e.g. stages.target.train.epochs=5 (repeatable)")
     r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N; overrides [run] device")
 
-    v = sub.add_parser("validate", help="check a config without training",
+    v = sub.add_parser("validate", help="check a config and its data without training",
                        epilog="example:\n  mltl validate examples/rare_liver.toml --set stages.source.train.epochs=2",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("config")
@@ -76,13 +76,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .chain import validate
+    from .chain import load_domains, validate
     from .config import load_config
+    from .plugins import get_registry
 
     config = load_config(args.config, args.overrides)
     validate(config)
+    domains = load_domains(config, get_registry())  # reads every image: a bad file is found now
     n = sum(len(s.variants) for s in config.stages)
-    print(f"{args.config}: OK ({len(config.stages)} stages, {n} variants to train)")
+    images = sum(len(d) for d in domains.values())
+    print(f"{args.config}: OK ({len(config.stages)} stages, {n} variants to train, {images} images readable)")
     return 0
 
 

@@ -131,7 +131,8 @@ def _chaos_game(
     """Run many chains in parallel; return points (2, n) as rows x, y and the map behind each."""
     n_chains = -(-n_points // RECORDED_STEPS)
     total_steps = BURN_IN_STEPS + RECORDED_STEPS
-    choices = rng.choice(len(maps), size=(total_steps, n_chains), p=_map_probabilities(maps))
+    cumulative = numpy.cumsum(_map_probabilities(maps))
+    choices = numpy.searchsorted(cumulative[:-1], rng.random((total_steps, n_chains)), side="right")
     a, b, c, d, e, f = numpy.moveaxis(maps[choices], -1, 0)  # each (total_steps, n_chains)
     x, y = _fixed_points(maps)[rng.integers(len(maps), size=n_chains)].T
     points = numpy.empty((2, RECORDED_STEPS, n_chains))
@@ -201,14 +202,15 @@ def _hsv_to_rgb(hue: numpy.ndarray, saturation: numpy.ndarray, value: numpy.ndar
     return value * (1.0 - saturation * ramp)
 
 
-def _splat(pixels: numpy.ndarray, point_colours: numpy.ndarray, size: int) -> numpy.ndarray:
+def _splat(pixels: numpy.ndarray, map_ids: numpy.ndarray, colours: numpy.ndarray, size: int) -> numpy.ndarray:
     """Image (channels, size, size): each pixel's mean hit colour times a saturating hit density."""
     keep = pixels >= 0
-    pixels, point_colours = pixels[keep], point_colours[keep]
-    counts = numpy.bincount(pixels, minlength=size * size)
-    sums = [numpy.bincount(pixels, weights=channel, minlength=size * size) for channel in point_colours.T]
+    n_maps, n_pixels = len(colours), size * size
+    hits = numpy.bincount(map_ids[keep] * n_pixels + pixels[keep], minlength=n_maps * n_pixels)
+    hits = hits.reshape(n_maps, n_pixels)  # hits per (map, pixel)
+    counts = hits.sum(axis=0)
+    mean_colour = (colours.T @ hits) / numpy.maximum(counts, 1)
     density = 1.0 - numpy.exp(-HIT_GAIN * counts)
-    mean_colour = numpy.stack(sums) / numpy.maximum(counts, 1)
     return (mean_colour * density).reshape(-1, size, size)
 
 
@@ -220,9 +222,9 @@ def _render_instance(
     points, map_ids = _chaos_game(instance_maps, _point_count(size), rng)
     pixels = _to_pixels(_random_pose(_fit_unit_box(points), rng), size)
     colours = _map_colours(len(maps), channels, rng)
-    pattern = _splat(pixels, colours[map_ids], size)
+    pattern = _splat(pixels, map_ids, colours, size)
     background = rng.uniform(0.0, BACKGROUND_MAX)
-    noise = rng.normal(0.0, NOISE_STD, size=pattern.shape)
+    noise = NOISE_STD * rng.standard_normal(pattern.shape, dtype=numpy.float32)
     image = background + (1.0 - background) * pattern + noise
     return numpy.round(numpy.clip(image, 0.0, 1.0) * 255).astype(numpy.uint8)
 

@@ -203,7 +203,12 @@ class Registry:
         params = inspect.signature(item.factory).parameters
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         kwargs.update({k: v for k, v in extra.items() if k in params or takes_any})
-        return item.factory(**kwargs)
+        try:
+            return item.factory(**kwargs)
+        except ConfigError:
+            raise
+        except UserError as exc:  # say which config key led there
+            raise ConfigError(str(exc), key=key, source=source) from None
 
 
 def get_registry() -> Registry:

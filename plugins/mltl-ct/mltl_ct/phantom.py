@@ -548,9 +548,9 @@ def _draw_body_wall(st: _Slice) -> None:
     angle = st.u(-0.05, 0.05)
     wobble = ((2, st.u(-0.03, 0.03), st.u(0, math.tau)), (3, st.u(-0.02, 0.02), st.u(0, math.tau)))
     skin_mm = st.u(1.5, 3.0)
-    cv.paint(cv.ellipse(st.cx, body_cy, body_ax, body_ay, angle, wobble), hu["skin"])
-    cv.paint(cv.ellipse(st.cx, body_cy, body_ax - skin_mm, body_ay - skin_mm, angle, wobble),
-             hu["subcutaneous_fat"])
+    skin, fat = cv.nested_ellipses(st.cx, body_cy, body_ax, body_ay, angle, wobble, (0.0, skin_mm))
+    cv.paint(skin, hu["skin"])
+    cv.paint(fat, hu["subcutaneous_fat"])
     cv.paint(cv.ellipse(st.cx, st.cy, st.wall_ax, st.wall_ay, angle), hu["muscle"])
     wall_mm = st.u(6.0, 14.0)
     st.cavity_ax, st.cavity_ay = st.wall_ax - wall_mm, st.wall_ay - 0.8 * wall_mm
@@ -565,9 +565,9 @@ def _draw_table(st: _Slice) -> None:
     """The curved carbon-fibre table top a few millimetres behind the patient's back."""
     cv = st.canvas
     y0 = st.posterior_wall_y + st.u(8.0, 30.0)
-    xs = np.linspace(-145.0, 145.0, 7)
-    ys = y0 - st.u(8.0, 20.0) * (xs / 145.0) ** 2
-    cv.paint(cv.tube(list(xs), list(ys), [st.u(2.0, 4.0)] * len(xs)), st.hu["table"])
+    rise = st.u(8.0, 20.0)  # the edges curve up around the patient
+    xs, ys = [-145.0, -70.0, 0.0, 70.0, 145.0], [y0 - rise, y0 - rise / 4, y0, y0 - rise / 4, y0 - rise]
+    cv.paint(cv.tube(xs, ys, [st.u(2.0, 4.0)] * len(xs)), st.hu["table"])
 
 
 def _bowel_contents(st: _Slice, mask: _Mask | None, kind: str, cy: float, r: float) -> None:
@@ -607,13 +607,10 @@ def _draw_bowel(st: _Slice) -> None:
         r = st.u(7.0, 16.0)
         ang = st.u(0, math.tau)
         elong = st.u(1.0, 1.6)
-        wall = cv.ellipse(x, y, r * elong, r, ang)
         kind = st.pick(("fluid", "collapsed", "gas", "gas-fluid"), (0.4, 0.2, 0.12, 0.28))
+        wall, lumen = cv.nested_ellipses(x, y, r * elong, r, ang, (), (0.0, 50.0 if kind == "collapsed" else
+                                                                       st.u(1.5, 3.0)))
         cv.paint(wall.times(cavity) if wall else None, hu["bowel_wall"])
-        if kind == "collapsed":
-            continue
-        t = st.u(1.5, 3.0)
-        lumen = cv.ellipse(x, y, r * elong - t, r - t, ang)
         _bowel_contents(st, lumen.times(cavity) if lumen else None, kind, y, r)
     colon = []
     if z > 0.3:  # ascending colon, image left (patient right), lateral
@@ -626,9 +623,9 @@ def _draw_bowel(st: _Slice) -> None:
         colon.append((st.cx + st.cavity_ax * st.u(-0.4, 0.4), st.cy - st.cavity_ay * st.u(0.55, 0.75),
                       st.u(12.0, 20.0), st.u(1.3, 2.2)))
     for x, y, r, elong in colon:
-        wall = cv.ellipse(x, y, r * elong, r, st.u(-0.2, 0.2), ((3, st.u(0, 0.06), st.u(0, math.tau)),))
+        wall, lumen = cv.nested_ellipses(x, y, r * elong, r, st.u(-0.2, 0.2),
+                                         ((3, st.u(0, 0.06), st.u(0, math.tau)),), (0.0, 2.0))
         cv.paint(wall.times(cavity) if wall else None, hu["bowel_wall"])
-        lumen = cv.ellipse(x, y, r * elong - 2.0, r - 2.0, 0.0)
         kind = "gas-fluid" if st.chance(0.35) else "faeces"
         _bowel_contents(st, lumen.times(cavity) if lumen else None, kind, y, r)
         if kind == "faeces":
@@ -659,10 +656,8 @@ def _draw_stomach(st: _Slice) -> None:
     a, b = st.u(25.0, 40.0) * s + 8.0, st.u(18.0, 30.0) * s + 6.0
     ang = st.u(-0.5, 0.3)
     cavity = st.layers["cavity"]
-    wall = cv.ellipse(x, y, a, b, ang)
+    wall, lumen = cv.nested_ellipses(x, y, a, b, ang, (), (0.0, st.u(3.0, 6.0)))
     cv.paint(wall.times(cavity) if wall else None, hu["bowel_wall"])
-    t = st.u(3.0, 6.0)
-    lumen = cv.ellipse(x, y, a - t, b - t, ang)
     kind = st.pick(("gas-fluid", "fluid", "faeces"), (0.6, 0.25, 0.15))
     _bowel_contents(st, lumen.times(cavity) if lumen else None, kind, y, b)
 
@@ -704,12 +699,11 @@ def _draw_back_muscles(st: _Slice) -> None:
                             st.u(12.0, 18.0), st.u(6.0, 10.0), -side * st.u(0.2, 0.6)), hu["muscle"])
 
 
-def _kidney_geometry(st: _Slice, medial_sign: float, centre_level: float) -> _Kidney | None:
-    """Where one kidney is cut at this slice level; None when the slice misses it."""
-    half_extent = 0.48
-    h = abs(st.level - centre_level) / half_extent
-    if h >= 1.0:
-        return None
+KIDNEY_HALF_EXTENT = 0.48  # half the craniocaudal length of a kidney, in slice-level units
+
+
+def _kidney_geometry(st: _Slice, medial_sign: float, h: float) -> _Kidney:
+    """Where one kidney is cut at relative height ``h`` from its middle (0) towards a pole (1)."""
     scale = max(math.sqrt(1.0 - h * h), 0.3)
     a, b = st.u(24.0, 31.0) * scale**0.7, st.u(16.0, 22.0) * scale**0.7
     tilt = st.u(0.5, 0.95)  # long axis to the coronal plane, radians
@@ -725,9 +719,11 @@ def _kidney_geometry(st: _Slice, medial_sign: float, centre_level: float) -> _Ki
 
 def _choose_kidneys(st: _Slice) -> None:
     """Which kidneys this level cuts (the right one sits lower), and where."""
-    right = _kidney_geometry(st, +1.0, 0.58 + st.u(-0.06, 0.06))  # patient right = image left
-    left = _kidney_geometry(st, -1.0, 0.46 + st.u(-0.06, 0.06))
-    st.kidneys = [k for k in (right, left) if k is not None]
+    h_right = abs(st.level - 0.58 - st.u(-0.06, 0.06)) / KIDNEY_HALF_EXTENT  # patient right = image left
+    h_left = abs(st.level - 0.46 - st.u(-0.06, 0.06)) / KIDNEY_HALF_EXTENT
+    if min(h_right, h_left) >= 1.0:  # always cut at least one kidney, if only a pole
+        h_right, h_left = min(h_right, 0.97), min(h_left, 0.97)
+    st.kidneys = [_kidney_geometry(st, sign, h) for sign, h in ((+1.0, h_right), (-1.0, h_left)) if h < 1.0]
 
 
 def _draw_perirenal_fat(st: _Slice) -> None:
@@ -826,8 +822,8 @@ def _draw_gallbladder(st: _Slice) -> None:
     x, y = cx + a * st.u(0.25, 0.6), cy - b * st.u(0.35, 0.7)
     ga, gb = st.u(10.0, 22.0), st.u(7.0, 15.0)
     ang = st.u(0, math.pi)
-    cv.paint(cv.ellipse(x, y, ga + 1.5, gb + 1.5, ang), st.hu["bowel_wall"])
-    gallbladder = cv.ellipse(x, y, ga, gb, ang)
+    wall, gallbladder = cv.nested_ellipses(x, y, ga + 1.5, gb + 1.5, ang, (), (0.0, 1.5))
+    cv.paint(wall, st.hu["bowel_wall"])
     cv.paint(gallbladder, st.hu["bile"])
     cv.cut_from(st.layers["liver"], gallbladder)
 
@@ -935,9 +931,8 @@ def _draw_vertebra(st: _Slice) -> None:
                          [st.u(2.5, 3.5), st.u(1.5, 3.0)]), posterior_bone)  # transverse process
     cv.paint(cv.ellipse(x, cy, canal_r, canal_r * st.u(0.8, 1.0)), hu["csf"])
     wobble = ((2, st.u(0.0, 0.06), 0.0),)  # slightly kidney-shaped body
-    cv.paint(cv.ellipse(x, y, a, b, 0.0, wobble), cortex)
-    rim = st.u(1.5, 3.0)
-    inner = cv.ellipse(x, y, a - rim, b - rim, 0.0, wobble)
+    outer, inner = cv.nested_ellipses(x, y, a, b, 0.0, wobble, (0.0, st.u(1.5, 3.0)))
+    cv.paint(outer, cortex)
     if inner is not None:
         cv.paint(inner, hu["bone_cancellous"] + st.u(15.0, 40.0) * st.texture_fine[inner.box])
 
@@ -952,8 +947,9 @@ def _draw_ribs(st: _Slice) -> None:
             x, y = st.cx + side * rx * math.sin(t), st.cy + ry * math.cos(t)
             tangent = math.atan2(-ry * math.sin(t), side * rx * math.cos(t))
             a, b = st.u(6.0, 11.0), st.u(3.0, 5.0)
-            cv.paint(cv.ellipse(x, y, a, b, tangent), hu["bone_cortex"] * st.u(0.5, 0.9))
-            cv.paint(cv.ellipse(x, y, a - 1.5, b - 1.5, tangent), hu["rib_marrow"])
+            cortex, marrow = cv.nested_ellipses(x, y, a, b, tangent, (), (0.0, 1.5))
+            cv.paint(cortex, hu["bone_cortex"] * st.u(0.5, 0.9))
+            cv.paint(marrow, hu["rib_marrow"])
         if st.level < 0.4 and st.chance(0.6):
             t = st.u(2.3, 2.8)
             x, y = st.cx + side * rx * math.sin(t), st.cy + ry * math.cos(t)
