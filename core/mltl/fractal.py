@@ -91,7 +91,7 @@ def _fill_rate(maps: numpy.ndarray, rng: numpy.random.Generator) -> float:
     """Fraction of a FILL_CANVAS^2 canvas hit by the attractor, fitted to its bounding box."""
     points, _ = _chaos_game(maps, _point_count(FILL_CANVAS), rng)
     pixels = _to_pixels(_fit_unit_box(points), FILL_CANVAS)
-    return numpy.unique(pixels).size / FILL_CANVAS**2
+    return numpy.unique(pixels[pixels >= 0]).size / FILL_CANVAS**2
 
 
 # === chaos game =============================================================
