@@ -260,8 +260,16 @@ def _parse_stage(raw: dict[str, Any], key: str, source: str) -> Stage:
 
 
 def _label(value: Any) -> str:
+    """A short, readable variant label: ``gfe-2``, ``gfe-2(batch_norm=true)``, ``0.01``."""
     if isinstance(value, dict):
-        return str(value.get("name", value.get("plugin", json.dumps(value, sort_keys=True))))
+        name = value.get("name", value.get("plugin"))
+        rest = {k: v for k, v in value.items() if k not in ("name", "plugin")}
+        inner = ",".join(f"{k}={json.dumps(v)}" for k, v in rest.items())
+        if name is None:
+            return "{" + inner + "}"
+        return f"{name}({inner})" if inner else str(name)
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return str(value)
 
 

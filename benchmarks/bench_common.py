@@ -1,0 +1,350 @@
+"""Helpers shared by the benchmarks in this folder (not part of the mltl package).
+
+- :func:`env_info`: device, torch/CUDA versions, thread count, for every JSON line;
+- :func:`peak_memory`: peak GPU memory (CUDA) or peak RSS (CPU) of this process;
+- :func:`ensure_timm_backbone`: a registered mltl backbone for a timm model (the installed "timm" backbone
+  when a plugin provides one, else one registered in-process with :func:`mltl.register_plugin`);
+- :func:`phantom_folder`: an image folder of CT phantom PNGs (for machines without ``../shared/data``);
+- :class:`FitProbe`: times what :func:`mltl.train.fit` does per epoch (validation, best-state copy) from the
+  outside, by wrapping module attributes of ``mltl.train`` for the duration of a measurement; the core is
+  not edited.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import hashlib
+import inspect
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import mltl
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_KIDNEY = REPO.parent / "shared" / "data" / "ct_kidney"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+# ---------------------------------------------------------------- environment
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
+    return dev
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def env_info(dev: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_model(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        info["loadavg_1min"] = round(os.getloadavg()[0], 2)  # other tenants of a shared machine show here
+    except OSError:
+        pass
+    return info
+
+
+def peak_memory(dev: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated by torch (CUDA), or peak resident set size of this process and of its
+    reaped children (CPU; Linux reports kilobytes)."""
+    if dev.type == "cuda":
+        return {"peak_gpu_mem_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)}
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mb": round(own, 1), "children_peak_rss_mb": round(kids, 1)}
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, default=_json_default), flush=True)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def median(xs: list[float]) -> float:
+    return float(np.median(np.asarray(xs, dtype=np.float64))) if xs else float("nan")
+
+
+# ---------------------------------------------------------------- timm backbone
+
+
+_TIMM_PLUGIN_NAME = "mltl-bench-timm"
+_TIMM_BACKBONE = "bench-timm"
+
+
+def timm_trunk(model: str = "resnet18", *, in_chans: int, image_size: int):
+    """A timm model (random init, no classifier) as an mltl Trunk; ResNets get groups C1..C5."""
+    import timm
+
+    from mltl import Trunk
+
+    net = timm.create_model(model, pretrained=False, num_classes=0, in_chans=in_chans)
+    names = dict(net.named_children())
+    if all(k in names for k in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")):
+        groups = {"C1": ("conv1", "bn1"), "C2": ("layer1",), "C3": ("layer2",), "C4": ("layer3",),
+                  "C5": ("layer4",)}
+    else:
+        groups = {"C1": tuple(n for n, m in names.items() if any(True for _ in m.parameters()))}
+    return Trunk(module=net, feature_dim=int(net.num_features), groups=groups)
+
+
+class _TimmPlugin:
+    @mltl.hookimpl
+    def register_backbones(self, register):
+        register(_TIMM_BACKBONE, timm_trunk, "timm model as an mltl backbone (benchmarks only)")
+
+
+def ensure_timm_backbone(model: str = "resnet18") -> tuple[str, dict[str, Any], str]:
+    """(backbone name, options, where it came from) for ``model`` as an mltl backbone.
+
+    Uses an installed ``timm`` backbone when a plugin registers one and it accepts a model-name option;
+    otherwise registers :func:`timm_trunk` in-process.
+    """
+    reg = mltl.get_registry()
+    if "timm" in reg.names("backbone"):
+        factory = reg.get("backbone", "timm").factory
+        params = inspect.signature(factory).parameters
+        for key in ("model", "model_name", "name", "arch", "architecture", "variant"):
+            if key in params:
+                try:
+                    reg.create("backbone", "timm", {key: model}, extra={"in_chans": 1, "image_size": 32})
+                    return "timm", {key: model}, "installed plugin"
+                except Exception:  # noqa: BLE001 - fall back to our own registration
+                    break
+    if _TIMM_BACKBONE not in reg.names("backbone"):
+        mltl.register_plugin(_TimmPlugin(), name=_TIMM_PLUGIN_NAME)
+    return _TIMM_BACKBONE, {"model": model}, "registered in-process by the benchmark"
+
+
+# ---------------------------------------------------------------- data
+
+
+def list_folder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(classes, relative file paths, labels), listed exactly like mltl's image-folder domain."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    rel, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        rel += [f.relative_to(root).as_posix() for f in files]
+        labels += [c] * len(files)
+    return classes, rel, np.asarray(labels, dtype=np.int64)
+
+
+def stratified_val(labels: np.ndarray, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): ``val_frac`` of each class (at least one) to validation."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = max(1, int(round(val_frac * len(idx))))
+        val += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
+
+
+def subset_folder(src: Path, per_class: int, seed: int) -> Path:
+    """A temp folder of symbolic links to ``per_class`` randomly chosen images of each class of ``src``."""
+    src = Path(src).resolve()
+    classes, rel, labels = list_folder(src)
+    key = hashlib.sha256(f"{src}|{per_class}|{seed}".encode()).hexdigest()[:10]
+    out = Path(tempfile.gettempdir()) / f"mltl-bench-subset-{src.name}-{per_class}-{seed}-{key}"
+    marker = out / ".complete"
+    if marker.exists():
+        return out
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        chosen = np.sort(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for i in chosen:
+            link = out / rel[i]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(src / rel[i])
+    marker.touch()
+    return out
+
+
+def _phantom_one(task: tuple[str, int, int, int, int, float, float, str]) -> None:
+    from PIL import Image
+
+    from mltl_ct import phantom
+
+    name, class_index, i, size, seed, level, width, path = task
+    rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, i]))
+    img = phantom.apply_window(phantom.slice_hu(name, size, rng), level, width)
+    Image.fromarray(img, mode="L").save(path)
+
+
+def phantom_folder(classes: tuple[str, ...] = ("normal", "cyst", "calculi"), per_class: int = 300,
+                   size: int = 256, seed: int = 0, root: Path | None = None) -> Path:
+    """A folder of CT-phantom PNGs, one sub-folder per class; reused when already complete.
+
+    The images are byte-identical to ``mltl_ct.phantom.generate(classes, per_class, size, seed)`` (same
+    per-image seeds), rendered in parallel processes.
+    """
+    from mltl_ct import phantom
+
+    base = Path(root) if root else Path(tempfile.gettempdir())
+    out = base / f"mltl-bench-phantom-{'-'.join(classes)}-{per_class}x{size}-s{seed}"
+    marker = out / ".complete"
+    if marker.exists():
+        return out
+    level, width = phantom.WINDOWS["abdomen"]
+    tasks = []
+    for name in classes:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            path = out / name / f"{name}_{i:05d}.png"
+            if not path.exists():
+                tasks.append((name, phantom.CLASSES.index(name), i, size, seed, level, width, str(path)))
+    if tasks:
+        import multiprocessing as mp
+
+        procs = max(1, min(len(tasks), os.cpu_count() or 1, 16))
+        t0 = time.perf_counter()
+        if procs == 1:
+            for t in tasks:
+                _phantom_one(t)
+        else:
+            with mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(procs) as pool:
+                pool.map(_phantom_one, tasks, chunksize=max(1, len(tasks) // (4 * procs)))
+        print(f"generated {len(tasks)} phantom PNGs ({size}x{size}) in {out} "
+              f"in {time.perf_counter() - t0:.1f} s with {procs} processes", file=sys.stderr, flush=True)
+    marker.touch()
+    return out
+
+
+# ---------------------------------------------------------------- probing fit
+
+
+class FitProbe:
+    """Per-epoch timing of :func:`mltl.train.fit`, from the outside.
+
+    Inside the ``with`` block, ``mltl.train.predict_proba`` and ``mltl.train.classification_metrics`` are
+    wrapped with timers (the per-epoch validation), and ``mltl.train.copy`` is replaced by a namespace whose
+    ``deepcopy`` is timed (the best-state copy). Pass :meth:`on_epoch` to ``fit``; call :meth:`start` right
+    before ``fit``. Each epoch record holds its wall time (from the previous epoch's end), and the seconds
+    spent in validation and in the best-state copy during it. The overhead is a few ``perf_counter`` calls
+    per epoch. Works whatever fit looks like: an attribute it no longer has is left alone.
+    """
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self.epochs: list[dict[str, float]] = []
+        self._val = 0.0
+        self._metrics = 0.0
+        self._copy = 0.0
+        self._copies = 0
+        self._last = time.perf_counter()
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> FitProbe:
+        import mltl.train as T
+
+        self._T = T
+        probe = self
+
+        if hasattr(T, "predict_proba"):
+            orig_pp = T.predict_proba
+
+            def predict_proba(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return orig_pp(*a, **k)
+                finally:
+                    probe._val += time.perf_counter() - t
+
+            self._saved["predict_proba"] = orig_pp
+            T.predict_proba = predict_proba
+        if hasattr(T, "classification_metrics"):
+            orig_cm = T.classification_metrics
+
+            def classification_metrics(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return orig_cm(*a, **k)
+                finally:
+                    probe._metrics += time.perf_counter() - t
+
+            self._saved["classification_metrics"] = orig_cm
+            T.classification_metrics = classification_metrics
+        if hasattr(T, "copy"):
+            orig_copy = T.copy
+
+            def deepcopy(*a, **k):
+                t = time.perf_counter()
+                try:
+                    out = _copy.deepcopy(*a, **k)
+                    sync(probe.dev)
+                    return out
+                finally:
+                    probe._copy += time.perf_counter() - t
+                    probe._copies += 1
+
+            shim = types.SimpleNamespace(**{k: getattr(_copy, k) for k in dir(_copy) if not k.startswith("_")})
+            shim.deepcopy = deepcopy
+            self._saved["copy"] = orig_copy
+            T.copy = shim
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, value in self._saved.items():
+            setattr(self._T, name, value)
+
+    def start(self) -> None:
+        sync(self.dev)
+        self._last = time.perf_counter()
+
+    def on_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        now = time.perf_counter()  # fit has already synchronised (it read the loss and the val probabilities)
+        self.epochs.append({"epoch": epoch, "wall": now - self._last, "val_predict": self._val,
+                            "val_metrics": self._metrics, "best_copy": self._copy,
+                            "best_copies": self._copies, "fit_row_seconds": float(row.get("seconds", float("nan")))})
+        self._val = self._metrics = self._copy = 0.0
+        self._copies = 0
+        self._last = time.perf_counter()
