@@ -29,9 +29,9 @@ from .network import HeadSpec, Network, build_network, derive, make_spec
 from .plugins import Registry, check_options, emit, get_registry
 from .reporting import ConsoleReporter, call, write_report
 from .results import Predictions, StageResult
-from .rundir import (choose_run_dir, environment, save_weights_atomic, write_json_atomic,
-                     write_text_atomic)
-from .train import TensorData, fit, predict_proba
+from .rundir import (RunLock, choose_run_dir, environment, load_weights, save_weights_atomic,
+                     write_json_atomic, write_text_atomic)
+from .train import Interrupted, TensorData, fit, predict_proba
 
 
 @attrs.frozen(eq=False)
@@ -144,11 +144,34 @@ def _state_on_cpu(net: Network) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
 
+def _read_predictions(path: Path, split: str, classes: tuple[str, ...]) -> Predictions:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    return Predictions(ids=tuple(r["id"] for r in rows), split=split,
+                       labels=np.array([classes.index(r["label"]) for r in rows], dtype=np.int64),
+                       probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+                       .reshape(len(rows), len(classes)),
+                       classes=classes)
+
+
+def _load_network(path: Path, registry: Registry) -> Network:
+    """A network saved by mltl: the spec from the safetensors metadata, then the weights (strict)."""
+    state, meta = load_weights(path)
+    try:
+        spec = json.loads(meta["spec"])
+        net = build_network(spec, registry)
+        net.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: weights do not match the network they describe ({exc}); "
+                        f"delete the file to re-run that step") from None
+    return net
+
+
 class _StageRunner:
     def __init__(self, config: Config, registry: Registry, device: torch.device, run_dir: Path,
-                 domains: dict[str, Domain], reporters: list[Any]) -> None:
+                 domains: dict[str, Domain], reporters: list[Any], resume: bool) -> None:
         self.config, self.registry, self.device, self.run_dir = config, registry, device, run_dir
-        self.domains, self.reporters = domains, reporters
+        self.domains, self.reporters, self.resume = domains, reporters, resume
         self.selected: dict[str, Network] = {}
         self._tensors: dict[str, torch.Tensor] = {}
 
@@ -167,6 +190,8 @@ class _StageRunner:
         stage_dir.mkdir(parents=True, exist_ok=True)
         call(self.reporters, "stage_started", stage_name=stage.name, stage_dir=stage_dir)
         emit("mltl_stage_started", stage_name=stage.name, stage_dir=stage_dir)
+        if self.resume and (stage_dir / "metrics.json").is_file():
+            return self._reuse(stage, stage_dir)
         seed = config.run.seed * 1000 + index  # the same for every variant: a fair comparison
         sweeping = len(stage.variants) > 1
         candidates: list[dict[str, Any]] = []
@@ -181,6 +206,22 @@ class _StageRunner:
             y = torch.from_numpy(domain.labels).to(self.device)
             data = {s: TensorData(x[torch.from_numpy(idx).to(self.device)], y[torch.from_numpy(idx).to(self.device)])
                     for s, idx in splits.items()}
+            vdir = stage_dir / "variants" / _safe(label) if sweeping else stage_dir
+            record = self._finished_variant(vdir) if self.resume else None
+            if record is not None:
+                # a variant finished before the interruption: reuse it as it is
+                cand, start, note = record["candidate"], record["start"], record["note"]
+                candidates.append(cand)
+                if best is None or is_better(cand["selection_value"], best["cand"]["selection_value"], stage.select_by):
+                    net = _load_network(vdir / "model.safetensors", self.registry)
+                    val_pred = Predictions(
+                        ids=tuple(domain.ids[i] for i in splits["val"]), split="val",
+                        labels=data["val"].y.cpu().numpy(),
+                        probs=predict_proba(net.to(self.device), data["val"].x, config.input), classes=domain.classes)
+                    best = {"cand": cand, "net": net.to("cpu"), "cfg": cfg, "domain": domain, "splits": splits,
+                            "val_pred": val_pred, "start": start, "note": note,
+                            "history": json.loads((vdir / "history.json").read_text())}
+                continue
             torch.manual_seed(seed)
             if cfg.backbone is not None:
                 spec = make_spec(cfg.backbone.name, cfg.backbone.options, config.input.channels,
@@ -210,7 +251,8 @@ class _StageRunner:
                 emit("mltl_epoch_ended", stage_name=stage.name, variant=_label, epoch=epoch, metrics=row)
 
             fitted = fit(net, data["train"], data["val"], cfg.train, config.input, classes=domain.classes,
-                         seed=seed, on_epoch=on_epoch)
+                         seed=seed, on_epoch=on_epoch, checkpoint=vdir / "checkpoint.pt",
+                         checkpoint_seconds=checkpoint_seconds())
             val_pred = Predictions(
                 ids=tuple(domain.ids[i] for i in splits["val"]), split="val",
                 labels=data["val"].y.cpu().numpy(), probs=predict_proba(net, data["val"].x, config.input),
@@ -223,11 +265,12 @@ class _StageRunner:
                 "train_seconds": fitted.seconds,
             }
             candidates.append(cand)
-            vdir = stage_dir / "variants" / _safe(label) if sweeping else stage_dir
             save_weights_atomic(vdir / "model.safetensors", net.state_dict(), {"spec": json.dumps(net.spec)})
             write_json_atomic(vdir / "history.json", fitted.history)
-            if sweeping:
-                write_json_atomic(vdir / "val_metrics.json", {**cand, "config": attrs.asdict(cfg)})
+            # written last: its presence marks the variant finished, for --resume
+            write_json_atomic(vdir / "variant.json", {"candidate": cand, "start": start, "note": note,
+                                                      "config": attrs.asdict(cfg)})
+            (vdir / "checkpoint.pt").unlink(missing_ok=True)
             if best is None or is_better(value, best["cand"]["selection_value"], stage.select_by):
                 net.to("cpu")
                 best = {"cand": cand, "net": net, "cfg": cfg, "domain": domain, "splits": splits,
@@ -237,6 +280,35 @@ class _StageRunner:
             raise UserError(f"{config.source}: {key}: no variant of stage {stage.name} applies to the network "
                             f"it starts from: " + "; ".join(c["skipped"] for c in candidates))
         return self._finish(stage, stage_dir, best, candidates)
+
+    @staticmethod
+    def _finished_variant(vdir: Path) -> dict[str, Any] | None:
+        """The record of a finished variant, or None (never finished, or damaged: then it is re-run)."""
+        try:
+            record = json.loads((vdir / "variant.json").read_text())
+            load_weights(vdir / "model.safetensors")
+            json.loads((vdir / "history.json").read_text())
+            return record if {"candidate", "start", "note"} <= set(record) else None
+        except (OSError, ValueError, UserError):
+            return None
+
+    def _reuse(self, stage: Stage, stage_dir: Path) -> StageResult:
+        """A stage that finished before an interruption: its selected model and test predictions as saved."""
+        try:
+            metrics = json.loads((stage_dir / "metrics.json").read_text())
+            classes = tuple(metrics["classes"])
+            test = _read_predictions(stage_dir / "predictions.csv", "test", classes)
+            sel_path = stage_dir / "selection.json"
+            selection = json.loads(sel_path.read_text()) if sel_path.is_file() else None
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{stage_dir}: the finished stage's files are damaged ({exc}); delete "
+                            f"{stage_dir / 'metrics.json'} to re-run the stage") from None
+        self.selected[stage.name] = _load_network(stage_dir / "model.safetensors", self.registry)
+        result = StageResult(name=stage.name, stage_dir=stage_dir, classes=classes, test=test,
+                             metrics=metrics, selection=selection)
+        call(self.reporters, "stage_finished", result=result)
+        emit("mltl_stage_finished", result=result)
+        return result
 
     def _finish(self, stage: Stage, stage_dir: Path, best: dict[str, Any], candidates: list[dict[str, Any]]) -> StageResult:
         """Evaluate the selected variant on the test split (its first and only look at it) and write the stage."""
@@ -287,7 +359,6 @@ class _StageRunner:
         save_weights_atomic(stage_dir / "model.safetensors", net.state_dict(), {"spec": json.dumps(net.spec)})
         write_text_atomic(stage_dir / "model.json", json.dumps(
             {"spec": net.spec, "input": attrs.asdict(config.input), "frozen": cand["frozen"]}, indent=2) + "\n")
-        write_json_atomic(stage_dir / "metrics.json", metrics)
         write_json_atomic(stage_dir / "history.json", best["history"])
         write_text_atomic(stage_dir / "predictions.csv", _predictions_csv([best["val_pred"], test_pred]))
         split_rows = io.StringIO()
@@ -297,6 +368,7 @@ class _StageRunner:
             for i in idx:
                 wr.writerow([domain.ids[i], domain.classes[domain.labels[i]], s])
         write_text_atomic(stage_dir / "splits.csv", split_rows.getvalue())
+        write_json_atomic(stage_dir / "metrics.json", metrics)  # last: marks the stage finished, for --resume
         net.to("cpu")
         self.selected[stage.name] = net
         result = StageResult(name=stage.name, stage_dir=stage_dir, classes=domain.classes, test=test_pred,
@@ -311,9 +383,98 @@ def make_reporters(config: Config, registry: Registry) -> list[Any]:
     return [registry.create("reporter", n, {}, key="run.reporters", source=config.source) for n in names]
 
 
+def checkpoint_seconds() -> float:
+    """Seconds between training checkpoints (``MLTL_CHECKPOINT_SECONDS``, default 60; 0 = every epoch)."""
+    import os
+
+    try:
+        return float(os.environ.get("MLTL_CHECKPOINT_SECONDS", "60"))
+    except ValueError:
+        raise UserError("MLTL_CHECKPOINT_SECONDS must be a number of seconds") from None
+
+
+def _resume_dir(config: Config, out: str | None) -> Path:
+    if out is not None:
+        path = Path(out)
+    else:
+        base = Path("runs") / config.run.name
+        found = [p for p in [base, *base.parent.glob(f"{config.run.name}-*")] if (p / "config.toml").is_file()]
+        if not found:
+            raise UserError(f"--resume: no earlier run of {config.run.name!r} under runs/; "
+                            f"name its directory with --out")
+        path = max(found, key=lambda p: (p / "config.toml").stat().st_mtime)
+    stored = path / "config.toml"
+    if not stored.is_file():
+        raise UserError(f"--resume: {path} is not an mltl run directory (no config.toml)")
+    import tomllib
+
+    try:
+        before = tomllib.loads(stored.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"--resume: {stored} is damaged ({exc}); start a new run") from None
+    now = tomllib.loads(dump_toml(config.raw))
+    if before != now:
+        diff = _first_difference(before, now)
+        raise UserError(f"--resume: the config differs from the one {path} was started with (at {diff}); "
+                        f"resume with the same config and --set overrides, or start a new run")
+    return path
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    return path or "the top level"
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the training loop to save a checkpoint and stop (a second SIGINT stops at once)."""
+
+    def __enter__(self) -> _StopOnSignal:
+        import signal
+        import threading
+
+        from . import train
+
+        train.stop_requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        from . import train
+
+        if train.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        train.stop_requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        from . import train
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        train.stop_requested = False
+
+
 def run(config: Config | str | Path, *, out: str | Path | None = None, device: str | None = None,
-        overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
-    """Run a chain: ``config`` is a :class:`Config` or a path to a TOML file (``overrides`` apply to a path)."""
+        overrides: list[str] | tuple[str, ...] = (), resume: bool = False) -> RunResult:
+    """Run a chain: ``config`` is a :class:`Config` or a path to a TOML file (``overrides`` apply to a path).
+
+    With ``resume``, continue the run in ``out`` (default: the latest ``runs/<name>[-N]``): finished stages
+    and sweep variants are reused, an unfinished variant continues from its last checkpoint.
+    """
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     elif overrides:
@@ -323,15 +484,26 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
     validate(config, registry)
     domains = load_domains(config, registry)
     reporters = [ConsoleReporter()] + make_reporters(config, registry)
-    run_dir = choose_run_dir(str(out) if out is not None else config.run.out, config.run.name)
+    out = str(out) if out is not None else config.run.out
+    run_dir = _resume_dir(config, out) if resume else choose_run_dir(out, config.run.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir), _StopOnSignal():
+        return _run_locked(config, registry, dev, domains, reporters, run_dir, resume)
+
+
+def _run_locked(config: Config, registry: Registry, dev: torch.device, domains: dict[str, Domain],
+                reporters: list[Any], run_dir: Path, resume: bool) -> RunResult:
     torch.manual_seed(config.run.seed)
     env = environment(dev, config.run.seed)
-    write_text_atomic(run_dir / "config.toml", dump_toml(config.raw))
-    write_json_atomic(run_dir / "environment.json", env)
-    write_json_atomic(run_dir / "state.json", {"state": "running", "since": env["time_utc"]})
+    if resume:
+        write_json_atomic(run_dir / f"environment-resume-{env['time_utc'].replace(':', '')}.json", env)
+        env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else env
+    else:
+        write_text_atomic(run_dir / "config.toml", dump_toml(config.raw))
+        write_json_atomic(run_dir / "environment.json", env)
+    write_json_atomic(run_dir / "state.json", {"state": "running", "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     t0 = time.perf_counter()
-    runner = _StageRunner(config, registry, dev, run_dir, domains, reporters)
+    runner = _StageRunner(config, registry, dev, run_dir, domains, reporters, resume)
     results: list[StageResult] = []
     try:
         for i, stage in enumerate(config.stages):
@@ -340,6 +512,11 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
         call(reporters, "run_finished", results=results, run_dir=run_dir)
         emit("mltl_run_finished", results=results, run_dir=run_dir)
         write_report(run_dir, config.raw, results, env)  # again, now with the reporters' figures
+    except Interrupted as exc:
+        write_json_atomic(run_dir / "state.json", {
+            "state": "interrupted", "stages_finished": [r.name for r in results], "checkpoint": exc.checkpoint,
+            "resume": f"mltl run {config.source} --resume --out {run_dir}"})
+        raise
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         write_json_atomic(run_dir / "state.json", {"state": "failed", "reason": reason,

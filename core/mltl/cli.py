@@ -17,6 +17,7 @@ from .errors import UserError
 EPILOG_RUN = """examples:
   mltl run examples/rare_liver.toml
   mltl run examples/rare_liver.toml --set stages.target.train.epochs=50 --out runs/liver-50
+  mltl run examples/rare_liver.toml --resume --out runs/liver-50      # after a crash or Ctrl-C
   mltl run examples/rare_kidney.toml --device cuda --set 'stages.intermediate.freeze={ sweep = ["C1", "C1-C2"] }'
 """
 
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. stages.target.train.epochs=5 (repeatable)")
     r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N; overrides [run] device")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (in --out, default the latest runs/<name>[-N]): finished "
+                        "stages and variants are reused, an unfinished one continues from its checkpoint")
 
     v = sub.add_parser("validate", help="check a config and its data without training",
                        epilog="example:\n  mltl validate examples/rare_liver.toml --set stages.source.train.epochs=2",
@@ -70,7 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .chain import run
 
-    result = run(args.config, out=args.out, device=args.device, overrides=args.overrides)
+    from .train import Interrupted
+
+    try:
+        result = run(args.config, out=args.out, device=args.device, overrides=args.overrides, resume=args.resume)
+    except Interrupted as exc:
+        print(f"mltl: {exc}; continue with: mltl run {args.config} --resume"
+              + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
+        return 130
     print(result.run_dir)
     return 0
 

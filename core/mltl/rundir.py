@@ -125,3 +125,51 @@ def environment(device: torch.device, seed: int) -> dict[str, Any]:
         env["cuda"] = {"name": torch.cuda.get_device_name(device), "version": torch.version.cuda,
                        "capability": list(torch.cuda.get_device_capability(device))}
     return env
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``.lock`` holding host and pid).
+
+    A second ``mltl run`` on the same directory is refused with a clear message; a lock left by a process
+    that no longer exists on this host is stale and taken over.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        me = f"{platform.node()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
+                host, _, pid = owner.partition(" ")
+                if host == platform.node() and pid.isdigit() and not _alive(int(pid)):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise UserError(
+                    f"{self.path.parent}: the run directory is in use by process {pid or '?'} on {host or '?'}; "
+                    f"wait for it to finish, or if that process is gone, delete {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise UserError(f"{self.path}: could not take the run directory's lock")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

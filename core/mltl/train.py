@@ -10,9 +10,11 @@ channels_last. After every epoch the validation split is scored; the best epoch'
 from __future__ import annotations
 
 import copy
+import io
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -24,6 +26,9 @@ from torch import nn
 from .config import InputConfig, TrainConfig
 from .errors import UserError
 from .metrics import classification_metrics, is_better, metric_value
+from .rundir import write_bytes_atomic
+
+CHECKPOINT_VERSION = 1
 
 
 @attrs.frozen(eq=False)
@@ -112,10 +117,57 @@ def predict_proba(net: nn.Module, x: torch.Tensor, inp: InputConfig, batch_size:
     return torch.cat(outs).cpu().double().numpy()
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a resumable checkpoint was saved (``checkpoint``) before stopping."""
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted; checkpoint saved to {checkpoint}" if checkpoint else "interrupted")
+
+
+#: set by the chain runner's signal handlers; the loop checks it at the end of every epoch
+stop_requested = False
+
+
+def _checkpoint_state(epoch, net, opt, sched, gen, best, history) -> dict[str, Any]:
+    state = {
+        "version": CHECKPOINT_VERSION, "epoch": epoch, "model": net.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
+        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history, **best,
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, loaded with ``weights_only=True`` (no code can run); UserError if damaged."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: damaged or unsafe training checkpoint ({str(exc).splitlines()[0]}); "
+                        f"delete it to restart this stage from its first epoch") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: not a training checkpoint of this mltl version; delete it to restart the stage")
+    return state
+
+
 def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, inp: InputConfig, *,
         classes: tuple[str, ...], seed: int,
-        on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
-    """Train ``net`` in place; return the history and the restored best epoch's validation metrics."""
+        on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+        checkpoint: Path | None = None, checkpoint_seconds: float = 60.0) -> FitResult:
+    """Train ``net`` in place; return the history and the restored best epoch's validation metrics.
+
+    With ``checkpoint``, the full training state (weights, optimizer, scheduler, random generators, best
+    epoch so far, history) is saved there at most every ``checkpoint_seconds`` and when a stop is requested;
+    if the file exists, training resumes from it and ends exactly as an uninterrupted run would on CPU.
+    """
     dev = train.x.device
     cuda = dev.type == "cuda"
     if cuda:
@@ -133,8 +185,24 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch, best_val = -1, {}
     stale = 0
+    first_epoch = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history = list(state["history"])
+        best_score, best_state, best_epoch = state["best_score"], state["best_state"], state["best_epoch"]
+        best_val, stale, first_epoch = state["best_val"], state["stale"], state["epoch"]
+        if best_state is not None:
+            best_state = {k: v.to(dev) for k, v in best_state.items()}
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    last_save = time.monotonic()
+    for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
         net.train()
         order = torch.randperm(n, generator=gen).to(dev)
@@ -181,7 +249,16 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
             stale += 1
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
-        if cfg.patience is not None and stale >= cfg.patience:
+        finished = epoch + 1 == cfg.epochs or (cfg.patience is not None and stale >= cfg.patience)
+        if checkpoint is not None and not finished and (
+                stop_requested or time.monotonic() - last_save >= checkpoint_seconds):
+            best = {"best_score": best_score, "best_state": best_state, "best_epoch": best_epoch,
+                    "best_val": best_val, "stale": stale}
+            _save_checkpoint(checkpoint, _checkpoint_state(epoch + 1, net, opt, sched, gen, best, history))
+            last_save = time.monotonic()
+        if stop_requested and not finished:
+            raise Interrupted(checkpoint)
+        if finished:
             break
     if best_state is not None:
         net.load_state_dict(best_state)

@@ -1,0 +1,163 @@
+"""Nothing lost: a killed run resumes to the same result; locks; damaged files are repaired or named."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def start(cfg, out, *extra, env=None):
+    e = {**os.environ, "MLTL_CHECKPOINT_SECONDS": "0", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "mltl", "run", str(cfg), "--out", str(out), "--device", "cpu",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def wait_for(path_glob: str, root: Path, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        hits = list(root.glob(path_glob))
+        if hits:
+            return hits[0]
+        time.sleep(0.05)
+    raise AssertionError(f"{path_glob} never appeared under {root}")
+
+
+def outputs(run_dir: Path) -> dict:
+    """Everything that must be identical between an uninterrupted and a resumed run."""
+    out = {}
+    for stage in ("source", "intermediate", "target"):
+        m = json.loads((run_dir / stage / "metrics.json").read_text())
+        out[stage] = {k: m[k] for k in ("auc_macro", "accuracy", "selected_variant", "best_epoch", "epochs_run")}
+        out[stage]["predictions"] = (run_dir / stage / "predictions.csv").read_text()
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    cfg = d / "tiny.toml"
+    cfg.write_text(TINY.format(target_freeze="C1").replace("epochs = 3, batch_size = 8", "epochs = 12, batch_size = 8"))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference_dir(config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    code, _, err = finish(start(config, out))
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return outputs(reference_dir)
+
+
+@pytest.fixture
+def finished_copy(reference_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference_dir, out)
+    return out
+
+
+def test_sigkill_mid_stage_then_resume_gives_the_same_result(config, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start(config, out)
+    wait_for("target/checkpoint.pt", out)  # the last stage is training and has saved at least one epoch
+    proc.kill()
+    proc.wait()
+    assert json.loads((out / "state.json").read_text())["state"] == "running"  # killed: no chance to say more
+    assert (out / "intermediate" / "metrics.json").is_file() and not (out / "target" / "metrics.json").exists()
+    os.utime(out / "config.toml")
+    code, _, err = finish(start(config, out, "--resume"))
+    assert code == 0, err
+    assert outputs(out) == reference  # exact on CPU: weights, optimizer, scheduler and RNG states restored
+    assert json.loads((out / "state.json").read_text())["state"] == "finished"
+    assert not list(out.rglob("checkpoint.pt"))
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_it(config, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start(config, out, env={"MLTL_CHECKPOINT_SECONDS": "3600"})  # only the signal makes a checkpoint
+    wait_for("intermediate/variants/*/history.json", out)
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc)
+    assert code == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    state = json.loads((out / "state.json").read_text())
+    assert state["state"] == "interrupted" and Path(state["checkpoint"]).is_file()
+    code, _, err = finish(start(config, out, "--resume"))
+    assert code == 0, err
+    assert outputs(out) == reference
+
+
+def test_a_second_run_on_a_locked_directory_is_refused(config, tmp_path):
+    out = tmp_path / "run"
+    first = start(config, out)
+    try:
+        wait_for(".lock", out)
+        second = subprocess.run([sys.executable, "-m", "mltl", "run", str(config), "--out", str(out), "--resume"],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2 and "is in use by process" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    from mltl.rundir import RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import platform
+
+    (tmp_path / ".lock").write_text(f"{platform.node()} {dead.pid}")
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == f"{platform.node()} {os.getpid()}"
+        with pytest.raises(Exception, match="in use by process"):
+            RunLock(tmp_path).__enter__()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_damaged_files_are_rerun_or_named(config, reference, finished_copy):
+    out = finished_copy
+    metrics = out / "target" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:40])  # truncated
+    code, _, err = finish(start(config, out, "--resume"))
+    assert code == 2 and "target" in err and "delete" in err and "metrics.json" in err
+    metrics.unlink()  # the fix the message gives: the target stage is finished again from its saved variant
+    code, _, err = finish(start(config, out, "--resume"))
+    assert code == 0, err
+    assert outputs(out) == reference
+    weights = out / "intermediate" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (out / "target" / "metrics.json").unlink()
+    code, _, err = finish(start(config, out, "--resume"))
+    assert code == 2 and "model.safetensors" in err and "Traceback" not in err
+    # a damaged record of a finished variant is not trusted: that variant is trained again
+    (out / "target" / "variant.json").write_text("{")
+    (out / "intermediate" / "metrics.json").unlink()
+    code, _, err = finish(start(config, out, "--resume"))
+    assert code == 0, err
+    assert outputs(out) == reference
+
+
+def test_resume_refuses_a_changed_config(config, finished_copy):
+    code, _, err = finish(start(config, finished_copy, "--resume", "--set", "stages.target.train.lr=0.5"))
+    assert code == 2 and "config differs" in err and "stages" in err
