@@ -22,7 +22,9 @@ import numpy as np
 
 from mltl.results import Predictions, StageResult
 
-from .roc import bootstrap_auc_ci, macro_auc, plot_roc, roc_curves, scored_classes, write_atomic
+from mltl.rundir import write_bytes_atomic
+
+from .roc import bootstrap_auc_ci, macro_auc, plot_roc, roc_curves, scored_classes
 
 log = logging.getLogger("mltl.roc")
 
@@ -132,7 +134,7 @@ class RocReporter:
             "curves": done.curves,
         }
         text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
-        write_atomic(Path(result.stage_dir) / "roc.json", text.encode("utf-8"))
+        write_bytes_atomic(Path(result.stage_dir) / "roc.json", text.encode("utf-8"))
 
     def run_finished(self, results: list[StageResult], run_dir: Path) -> None:
         """Write ``run_dir/roc_stages.png``: each stage's macro ROC on its own test split."""

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ from scipy.stats import rankdata
 from sklearn.metrics import auc as _trapezoid_auc
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from mltl.rundir import write_bytes_atomic
+
 __all__ = [
     "macro_auc",
     "bootstrap_macro_aucs",
@@ -36,7 +36,6 @@ __all__ = [
     "roc_curves",
     "plot_roc",
     "scored_classes",
-    "write_atomic",
 ]
 
 
@@ -332,22 +331,4 @@ def plot_roc(curves: list[tuple[str, Mapping[str, Mapping[str, Any]]]], path: Pa
         fig.savefig(buf, format="png", dpi=120)
     finally:
         fig.clear()  # a bare Figure is in no pyplot registry: dropping it frees it
-    write_atomic(path, buf.getvalue())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one:
-    write a temporary file in the same folder (created with the usual permissions), then
-    ``os.replace`` it onto ``path``. Creates missing parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buf.getvalue())
