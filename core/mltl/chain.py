@@ -13,6 +13,7 @@ import io
 import json
 import re
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,8 @@ class _StageRunner:
         emit("mltl_stage_started", stage_name=stage.name, stage_dir=stage_dir)
         if self.resume and (stage_dir / "metrics.json").is_file():
             return self._reuse(stage, stage_dir)
-        seed = config.run.seed * 1000 + index  # the same for every variant: a fair comparison
+        # the same for every variant (a fair comparison), and for a stage of this name in any chain (mltl compare)
+        seed = config.run.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000
         sweeping = len(stage.variants) > 1
         candidates: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None

@@ -40,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run (in --out, default the latest runs/<name>[-N]): finished "
                         "stages and variants are reused, an unfinished one continues from its checkpoint")
 
+    c = sub.add_parser("compare", help="the same target from scratch, single-stage and multi-stage, side by side",
+                       epilog="example:\n  mltl compare examples/rare_kidney.toml --set stages.target.train.epochs=50",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("config")
+    c.add_argument("--out", help="folder for the three runs and comparison.md; default runs/<name>-compare[-N]")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--device")
+    c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs and p-values")
+
     v = sub.add_parser("validate", help="check a config and its data without training",
                        epilog="example:\n  mltl validate examples/rare_liver.toml --set stages.source.train.epochs=2",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        return {"run": _run, "validate": _validate, "plugins": _plugins}[args.command](args)
+        return {"run": _run, "compare": _compare, "validate": _validate, "plugins": _plugins}[args.command](args)
     except UserError as exc:
         print(f"mltl: error: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +92,16 @@ def _run(args: argparse.Namespace) -> int:
               + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
         return 130
     print(result.run_dir)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    result = compare(args.config, overrides=args.overrides, out=args.out, device=args.device,
+                     n_resamples=args.resamples)
+    print((result.out / "comparison.md").read_text())
+    print(result.out)
     return 0
 
 

@@ -1,0 +1,142 @@
+"""Did the intermediate stage help? The same target under three chains, side by side.
+
+From a chain config (at least two stages), ``mltl compare`` derives and runs:
+
+- ``scratch``: the last stage alone, from a freshly initialised copy of the first stage's backbone
+  (nothing frozen);
+- ``single-stage``: the first stage, then the last stage started from it;
+- ``multi-stage``: the chain as written (skipped when it has only two stages: it is the single-stage one).
+
+The last stage keeps its domain, split, seed, training settings and head in all three, so every chain is
+tested on the same test images. The table gives each chain's test macro AUC with a 95% CI (paired,
+class-stratified bootstrap), accuracy, and the test of its difference from the full chain: DeLong's test
+for a binary target, the paired bootstrap for a multi-class macro AUC.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .config import Config, load_config, parse_config
+from .errors import UserError
+from .rundir import choose_run_dir, write_json_atomic, write_text_atomic
+from .stats import delong_test, paired_bootstrap
+
+
+@attrs.frozen(eq=False)
+class Comparison:
+    out: Path
+    rows: tuple[dict[str, Any], ...]
+
+
+def _effective_head(stages: list[dict[str, Any]], index: int) -> dict[str, Any] | None:
+    """The head table the last stage ends up with: its own, or the one it inherits down the init chain."""
+    by_name = {s["name"]: s for s in stages}
+    stage = stages[index]
+    while stage is not None:
+        if "head" in stage:
+            return copy.deepcopy(stage["head"])
+        stage = by_name.get(stage.get("init", ""))
+    return None
+
+
+def chains(config: Config) -> dict[str, dict[str, Any]]:
+    """The raw configs of the chains to compare, by name."""
+    raw = config.raw
+    stages = raw["stages"]
+    if len(stages) < 2:
+        raise UserError(f"{config.source}: mltl compare needs a chain of at least two stages")
+    first, last = stages[0], stages[-1]
+    if "backbone" not in first:
+        raise UserError(f"{config.source}: stages[0] needs a backbone for mltl compare")
+    head = _effective_head(stages, len(stages) - 1)
+    out: dict[str, dict[str, Any]] = {}
+
+    scratch_target = {k: copy.deepcopy(v) for k, v in last.items() if k not in ("init", "freeze", "head")}
+    scratch_target["backbone"] = copy.deepcopy(first["backbone"])
+    if head is not None:
+        scratch_target["head"] = head
+    out["scratch"] = {**copy.deepcopy(raw), "stages": [scratch_target]}
+
+    single_target = {k: copy.deepcopy(v) for k, v in last.items() if k != "head"}
+    single_target["init"] = first["name"]
+    if head is not None:
+        single_target["head"] = head
+    out["single-stage"] = {**copy.deepcopy(raw), "stages": [copy.deepcopy(first), single_target]}
+    if len(stages) > 2:
+        out["multi-stage"] = copy.deepcopy(raw)
+    for name, r in out.items():
+        r["run"] = {k: v for k, v in r["run"].items() if k != "out"}
+        r["run"]["name"] = f"{raw['run']['name']}-{name}"
+    return out
+
+
+def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None,
+            device: str | None = None, n_resamples: int = 1000) -> Comparison:
+    from .chain import run
+
+    if not isinstance(config, Config):
+        config = load_config(config, overrides)
+    derived = {name: parse_config(raw, f"{config.source} ({name})") for name, raw in chains(config).items()}
+    out_dir = choose_run_dir(str(out) if out is not None else None, f"{config.run.name}-compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {name: run(cfg, out=out_dir / name, device=device) for name, cfg in derived.items()}
+    reference = "multi-stage" if "multi-stage" in results else "single-stage"
+    ref = results[reference].stages[-1].test
+    rows = []
+    for name, result in results.items():
+        target = result.stages[-1]
+        test = target.test
+        if test.ids != ref.ids:
+            raise RuntimeError("the chains were tested on different images; this is a bug in mltl compare")
+        boot = paired_bootstrap(test.labels, test.probs, None if name == reference else ref.probs,
+                                classes=test.classes, n_resamples=n_resamples, seed=config.run.seed)
+        row: dict[str, Any] = {
+            "chain": name,
+            "stages": [s.name for s in result.stages],
+            "train_images": [s.metrics["n_images"]["train"] for s in result.stages],
+            "classes": [len(s.classes) for s in result.stages],
+            "auc_macro": target.metrics["auc_macro"], "auc_ci95": [boot["ci_low"], boot["ci_high"]],
+            "accuracy": target.metrics["accuracy"], "n_test": target.metrics["n_test"],
+            "train_seconds": sum(s.metrics["train_seconds"] for s in result.stages),
+            "run_dir": str(result.run_dir),
+        }
+        if name != reference:
+            if len(test.classes) == 2:
+                d = delong_test(test.labels, test.probs[:, 1], ref.probs[:, 1])
+                row["p_vs_" + reference] = d["p"]
+                row["test"] = "DeLong"
+            else:
+                row["p_vs_" + reference] = boot["p"]
+                row["test"] = "paired bootstrap of the macro-AUC difference"
+        rows.append(row)
+    write_json_atomic(out_dir / "comparison.json", {"reference": reference, "rows": rows,
+                                                    "n_resamples": n_resamples, "seed": config.run.seed})
+    write_text_atomic(out_dir / "comparison.md", render(rows, reference))
+    return Comparison(out=out_dir, rows=tuple(rows))
+
+
+def render(rows: list[dict[str, Any]], reference: str) -> str:
+    lines = [f"# Chain comparison (same target test split; p against {reference})", "",
+             "| chain | stages | train images per stage | classes | test AUC (95% CI) | accuracy | n test | "
+             f"p vs {reference} | training time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r.get("p_vs_" + reference)
+        lo, hi = r["auc_ci95"]
+        lines.append(
+            f"| {r['chain']} | {' -> '.join(r['stages'])} | {' / '.join(map(str, r['train_images']))} | "
+            f"{' / '.join(map(str, r['classes']))} | {r['auc_macro']:.3f} ({lo:.3f}-{hi:.3f}) | {r['accuracy']:.3f} | "
+            f"{r['n_test']} | {'-' if p is None else f'{p:.3g}'} | {r['train_seconds']:.0f} |")
+    tests = {r["test"] for r in rows if "test" in r}
+    lines += ["", f"Test of the AUC difference: {', '.join(sorted(tests))}. Each chain selects its variants on "
+              "validation data only; the test split is the same images for every chain.", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["Comparison", "chains", "compare", "render"]

@@ -1,0 +1,39 @@
+import json
+
+import numpy as np
+import pytest
+
+import mltl
+from mltl.compare import chains, compare
+
+
+def test_derived_chains(tiny_config):
+    cfg = mltl.load_config(tiny_config("inherited"))
+    derived = chains(cfg)
+    assert list(derived) == ["scratch", "single-stage", "multi-stage"]
+    scratch = derived["scratch"]["stages"]
+    assert len(scratch) == 1 and "init" not in scratch[0] and scratch[0]["backbone"] == {"sweep": ["gfe-1", "gfe-2"]}
+    assert scratch[0]["head"] == {"dense": [32, 16], "dropout": 0.5}  # the head the full chain's target has
+    single = derived["single-stage"]["stages"]
+    assert [s["name"] for s in single] == ["source", "target"] and single[1]["init"] == "source"
+    for name, raw in derived.items():
+        mltl.config.parse_config(raw)
+        assert raw["stages"][-1]["domain"] == cfg.raw["stages"][-1]["domain"]
+
+
+@pytest.mark.slow
+def test_compare_runs_three_chains_on_the_same_test_images(tmp_path, tiny_config):
+    result = compare(tiny_config("C1"), out=tmp_path / "cmp", device="cpu", n_resamples=100)
+    names = [r["chain"] for r in result.rows]
+    assert names == ["scratch", "single-stage", "multi-stage"]
+    ids = set()
+    for r in result.rows:
+        with open(f"{r['run_dir']}/target/predictions.csv") as f:
+            ids.add(tuple(sorted(line.split(",")[0] for line in f if ",test," in line)))
+        lo, hi = r["auc_ci95"]
+        assert lo <= r["auc_macro"] <= hi or np.isnan(r["auc_macro"])
+    assert len(ids) == 1
+    assert "p_vs_multi-stage" in result.rows[0] and 0 <= result.rows[0]["p_vs_multi-stage"] <= 1
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| scratch | target |" in table and "| multi-stage | source -> intermediate -> target |" in table
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["reference"] == "multi-stage"
