@@ -35,11 +35,27 @@ def fractal_domain(classes: int = 5, images_per_class: int = 200, seed: int = 0,
                   description=f"{classes} fractal categories x {images_per_class} images (seed {seed})")
 
 
+def read_image(path: Path, *, channels: int, size: int, who: str = "image") -> np.ndarray:
+    """One image file as uint8 ``(size, size)`` (grey) or ``(3, size, size)``: the image-folder domain's
+    decoding, shared with ``mltl predict`` so new images get exactly the training preprocessing."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bit by its range
+                arr = np.asarray(im, dtype=np.float64)
+                lo, hi = float(arr.min()), float(arr.max())
+                im = Image.fromarray(((arr - lo) / (hi - lo or 1) * 255).round().astype(np.uint8))
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"{who}: cannot read image {path}: {exc}; remove or replace the file") from None
+    return arr if channels == 1 else arr.transpose(2, 0, 1)
+
+
 def image_folder_domain(root: str, classes: list[str] | None = None, channels: int = 1, size: int | None = None,
                         *, image_size: int = 64) -> Domain:
     """A folder with one sub-folder of images per class (PNG, JPEG, BMP, TIFF, ...)."""
-    from PIL import Image, UnidentifiedImageError
-
     base = Path(root).expanduser()
     if not base.is_dir():
         raise UserError(f'image-folder: root "{root}" is not a folder (resolved to {base.resolve()}); '
@@ -52,7 +68,6 @@ def image_folder_domain(root: str, classes: list[str] | None = None, channels: i
     if len(names) < 2:
         raise UserError(f"image-folder: {base} has {len(names)} class sub-folder(s); a classifier needs at least 2")
     side = size or image_size
-    mode = "L" if channels == 1 else "RGB"
     images, labels, ids = [], [], []
     for c, name in enumerate(names):
         files = sorted(p for p in (base / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -60,13 +75,7 @@ def image_folder_domain(root: str, classes: list[str] | None = None, channels: i
             raise UserError(f"image-folder: class folder {base / name} holds no images "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert(mode).resize((side, side), Image.Resampling.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise UserError(f"image-folder: cannot read image {f}: {exc}; remove or replace the file") from None
-            images.append(arr if channels == 1 else arr.transpose(2, 0, 1))
+            images.append(read_image(f, channels=channels, size=side, who="image-folder"))
             labels.append(c)
             ids.append(f.relative_to(base).as_posix())
     return Domain(classes=tuple(names), images=np.stack(images), labels=np.array(labels), ids=tuple(ids),

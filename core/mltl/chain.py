@@ -360,7 +360,8 @@ class _StageRunner:
         }
         save_weights_atomic(stage_dir / "model.safetensors", net.state_dict(), {"spec": json.dumps(net.spec)})
         write_text_atomic(stage_dir / "model.json", json.dumps(
-            {"spec": net.spec, "input": attrs.asdict(config.input), "frozen": cand["frozen"]}, indent=2) + "\n")
+            {"spec": net.spec, "input": attrs.asdict(config.input), "frozen": cand["frozen"],
+             "domain": {"plugin": cfg.domain.plugin, "options": cfg.domain.options}}, indent=2) + "\n")
         write_json_atomic(stage_dir / "history.json", best["history"])
         write_text_atomic(stage_dir / "predictions.csv", _predictions_csv([best["val_pred"], test_pred]))
         split_rows = io.StringIO()

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import UserError
@@ -49,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--device")
     c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs and p-values")
 
+    pr = sub.add_parser("predict", help="classify new images with a trained stage",
+                        epilog="examples:\n  mltl predict runs/rare-kidney/target scans/*.png\n"
+                               "  mltl predict runs/rare-kidney new_cases/ --csv new_cases.csv",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("stage", help="RUN_DIR/STAGE, or RUN_DIR for its last stage")
+    pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    pr.add_argument("--csv", help="write path, predicted class and class probabilities to this CSV file")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--batch-size", type=int, default=256)
+
     v = sub.add_parser("validate", help="check a config and its data without training",
                        epilog="example:\n  mltl validate examples/rare_liver.toml --set stages.source.train.epochs=2",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        return {"run": _run, "compare": _compare, "validate": _validate, "plugins": _plugins}[args.command](args)
+        commands = {"run": _run, "compare": _compare, "predict": _predict, "validate": _validate, "plugins": _plugins}
+        return commands[args.command](args)
     except UserError as exc:
         print(f"mltl: error: {exc}", file=sys.stderr)
         return 2
@@ -102,6 +114,29 @@ def _compare(args: argparse.Namespace) -> int:
                      n_resamples=args.resamples)
     print((result.out / "comparison.md").read_text())
     print(result.out)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .chain import resolve_device
+    from .predict import load_stage, predict, predictions_csv
+    from .rundir import write_text_atomic
+
+    stage = load_stage(args.stage)
+    rows = list(predict(stage, args.images, device=str(resolve_device(args.device)), batch_size=args.batch_size))
+    if args.csv:
+        write_text_atomic(Path(args.csv), predictions_csv(rows, stage.classes))
+    table = Table(title=f"{stage.path}: {len(rows)} images")
+    for col in ["image", "predicted"] + [f"p({c})" for c in stage.classes]:
+        table.add_column(col)
+    for path, p in rows[:50]:
+        table.add_row(str(path), stage.classes[int(p.argmax())], *(f"{v:.3f}" for v in p))
+    Console().print(table)
+    if len(rows) > 50:
+        print(f"... {len(rows) - 50} more" + (f" in {args.csv}" if args.csv else "; use --csv to keep them all"))
     return 0
 
 

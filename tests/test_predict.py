@@ -1,0 +1,57 @@
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mltl
+from mltl.predict import load_stage, predict
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A chain whose target is a folder of PNG files (generated phantom slices)."""
+    from mltl_ct import phantom
+
+    tmp = tmp_path_factory.mktemp("predict")
+    images, labels = phantom.generate(["normal", "cyst", "calculi"], 12, size=80, seed=77)
+    classes = ["normal", "cyst", "calculi"]
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        d = tmp / "data" / classes[lab]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"slice{i:03d}.png")
+    from tests.conftest import TINY
+
+    cfg = tmp / "c.toml"
+    cfg.write_text(TINY.format(target_freeze="C1"))
+    config = mltl.load_config(cfg, ["stages.source.backbone=gfe-1", "stages.intermediate.freeze=C1",
+                                    f'stages.target.domain={{ plugin = "image-folder", root = "{tmp / "data"}" }}'])
+    return mltl.run(config, out=tmp / "run", device="cpu"), tmp / "data"
+
+
+def test_predict_reproduces_the_stage_predictions(folder_run):
+    result, data = folder_run
+    with open(result.run_dir / "target" / "predictions.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    stage = load_stage(result.run_dir / "target")
+    got = dict(predict(stage, [data / r["id"] for r in rows]))
+    for r in rows:
+        expected = np.array([float(r[f"p_{c}"]) for c in stage.classes])
+        np.testing.assert_allclose(got[data / r["id"]], expected, rtol=0, atol=1e-6)
+
+
+def test_predict_cli_on_a_folder_writes_csv(folder_run, tmp_path):
+    result, data = folder_run
+    out = tmp_path / "new.csv"
+    proc = subprocess.run([sys.executable, "-m", "mltl", "predict", str(result.run_dir), str(data / "cyst"),
+                           "--csv", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and set(rows[0]) == {"path", "predicted", "p_normal", "p_cyst", "p_calculi"}
+    assert all(abs(sum(float(r[k]) for k in r if k.startswith("p_")) - 1) < 1e-5 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "mltl", "predict", str(result.run_dir), str(tmp_path / "nope.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nope.png: no such file or folder" in bad.stderr
