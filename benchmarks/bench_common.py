@@ -84,6 +84,27 @@ def peak_memory(dev: torch.device) -> dict[str, float]:
     return {"peak_rss_mb": round(own, 1), "children_peak_rss_mb": round(kids, 1)}
 
 
+def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """glibc only: serve allocations up to ``mmap_threshold`` from the heap and keep up to ``trim_threshold``
+    of freed memory, so that a training step's big activation buffers are not unmapped and faulted in
+    again every step (see docs/performance.md). True when applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage does not count them)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -190,6 +211,8 @@ def subset_folder(src: Path, per_class: int, seed: int) -> Path:
     """A temp folder of symbolic links to ``per_class`` randomly chosen images of each class of ``src``."""
     src = Path(src).resolve()
     classes, rel, labels = list_folder(src)
+    if np.bincount(labels).max() <= per_class:  # nothing to leave out
+        return src
     key = hashlib.sha256(f"{src}|{per_class}|{seed}".encode()).hexdigest()[:10]
     out = Path(tempfile.gettempdir()) / f"mltl-bench-subset-{src.name}-{per_class}-{seed}-{key}"
     marker = out / ".complete"
@@ -265,70 +288,76 @@ def phantom_folder(classes: tuple[str, ...] = ("normal", "cyst", "calculi"), per
 class FitProbe:
     """Per-epoch timing of :func:`mltl.train.fit`, from the outside.
 
-    Inside the ``with`` block, ``mltl.train.predict_proba`` and ``mltl.train.classification_metrics`` are
-    wrapped with timers (the per-epoch validation), and ``mltl.train.copy`` is replaced by a namespace whose
-    ``deepcopy`` is timed (the best-state copy). Pass :meth:`on_epoch` to ``fit``; call :meth:`start` right
-    before ``fit``. Each epoch record holds its wall time (from the previous epoch's end), and the seconds
-    spent in validation and in the best-state copy during it. The overhead is a few ``perf_counter`` calls
-    per epoch. Works whatever fit looks like: an attribute it no longer has is left alone.
+    Inside the ``with`` block, functions that fit looks up in the ``mltl.train`` module are wrapped with
+    timers: ``predict_proba`` and ``classification_metrics`` (the per-epoch validation),
+    ``_checkpoint_state`` and ``_save_checkpoint`` (the resumable training checkpoint, when fit is given
+    one), ``copy`` is replaced by a namespace whose ``deepcopy`` is timed (the best-state copy), and
+    ``time`` by one whose clocks stop between :meth:`pause` and :meth:`resume`. Pass
+    :meth:`on_epoch` to ``fit`` (or call it from your own callback); call :meth:`start` right before
+    ``fit``. Each epoch record holds its wall time (from :meth:`start` or the previous epoch's end) and the
+    seconds spent in each wrapped part during it. The overhead is a few ``perf_counter`` calls per epoch.
+    An attribute fit no longer has is left alone, so the probe survives changes to fit.
     """
+
+    TIMED = {"predict_proba": "val_predict", "classification_metrics": "val_metrics",
+             "_checkpoint_state": "checkpoint_state", "_save_checkpoint": "checkpoint"}
+    KEYS = ("val_predict", "val_metrics", "checkpoint_state", "checkpoint", "best_copy")
 
     def __init__(self, dev: torch.device) -> None:
         self.dev = dev
         self.epochs: list[dict[str, float]] = []
-        self._val = 0.0
-        self._metrics = 0.0
-        self._copy = 0.0
-        self._copies = 0
+        self._acc = dict.fromkeys(self.KEYS, 0.0)
+        self._counts = dict.fromkeys(self.KEYS, 0)
         self._last = time.perf_counter()
         self._saved: dict[str, Any] = {}
+        self._paused = 0.0
+        self._pause_start: float | None = None
+
+    def pause(self) -> None:
+        """Stop fit's clock (e.g. while the driver runs another loop's epoch): time that passes until
+        :meth:`resume` is hidden from fit, so its time-based checkpoint cadence is that of a real run."""
+        self._pause_start = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._pause_start is not None:
+            self._paused += time.perf_counter() - self._pause_start
+            self._pause_start = None
+
+    def _timed(self, fn, key: str, sync_after: bool = False):
+        probe = self
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                out = fn(*a, **k)
+                if sync_after:
+                    sync(probe.dev)
+                return out
+            finally:
+                probe._acc[key] += time.perf_counter() - t
+                probe._counts[key] += 1
+
+        return wrapper
 
     def __enter__(self) -> FitProbe:
         import mltl.train as T
 
         self._T = T
-        probe = self
-
-        if hasattr(T, "predict_proba"):
-            orig_pp = T.predict_proba
-
-            def predict_proba(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return orig_pp(*a, **k)
-                finally:
-                    probe._val += time.perf_counter() - t
-
-            self._saved["predict_proba"] = orig_pp
-            T.predict_proba = predict_proba
-        if hasattr(T, "classification_metrics"):
-            orig_cm = T.classification_metrics
-
-            def classification_metrics(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return orig_cm(*a, **k)
-                finally:
-                    probe._metrics += time.perf_counter() - t
-
-            self._saved["classification_metrics"] = orig_cm
-            T.classification_metrics = classification_metrics
+        for name, key in self.TIMED.items():
+            if hasattr(T, name):
+                self._saved[name] = getattr(T, name)
+                setattr(T, name, self._timed(getattr(T, name), key))
+        if hasattr(T, "time"):
+            probe = self
+            clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+            clock.monotonic = lambda: time.monotonic() - probe._paused
+            clock.perf_counter = lambda: time.perf_counter() - probe._paused
+            self._saved["time"] = T.time
+            T.time = clock
         if hasattr(T, "copy"):
-            orig_copy = T.copy
-
-            def deepcopy(*a, **k):
-                t = time.perf_counter()
-                try:
-                    out = _copy.deepcopy(*a, **k)
-                    sync(probe.dev)
-                    return out
-                finally:
-                    probe._copy += time.perf_counter() - t
-                    probe._copies += 1
-
             shim = types.SimpleNamespace(**{k: getattr(_copy, k) for k in dir(_copy) if not k.startswith("_")})
-            shim.deepcopy = deepcopy
-            self._saved["copy"] = orig_copy
+            shim.deepcopy = self._timed(_copy.deepcopy, "best_copy", sync_after=True)
+            self._saved["copy"] = T.copy
             T.copy = shim
         return self
 
@@ -342,9 +371,14 @@ class FitProbe:
 
     def on_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         now = time.perf_counter()  # fit has already synchronised (it read the loss and the val probabilities)
-        self.epochs.append({"epoch": epoch, "wall": now - self._last, "val_predict": self._val,
-                            "val_metrics": self._metrics, "best_copy": self._copy,
-                            "best_copies": self._copies, "fit_row_seconds": float(row.get("seconds", float("nan")))})
-        self._val = self._metrics = self._copy = 0.0
-        self._copies = 0
+        rec: dict[str, float] = {"epoch": epoch, "wall": now - self._last,
+                                 "fit_row_seconds": float(row.get("seconds", float("nan")))}
+        rec.update(self._acc)
+        rec["checkpoint"] += rec.pop("checkpoint_state")
+        rec["best_copies"] = self._counts["best_copy"]
+        # a checkpoint is written after on_epoch: it is charged to the next epoch (its wall time holds it)
+        rec["checkpoints"] = self._counts["checkpoint"]
+        self.epochs.append(rec)
+        self._acc = dict.fromkeys(self.KEYS, 0.0)
+        self._counts = dict.fromkeys(self.KEYS, 0)
         self._last = time.perf_counter()

@@ -123,3 +123,19 @@ def test_alexnet_refuses_a_malicious_pickle(tmp_path):
     with pytest.raises(Exception, match="cannot load weights"):
         build_network(make_spec("alexnet", {"weights": str(path)}, 3, 96, HeadSpec(), ("a", "b")), get_registry())
     assert not (tmp_path / "pwned").exists()
+
+
+def test_val_every_scores_only_every_nth_epoch():
+    import math
+
+    from mltl.config import InputConfig, TrainConfig
+    from mltl.train import TensorData, fit
+
+    torch.manual_seed(0)
+    n = net("gfe-1", size=56, classes=("a", "b"))
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(torch.randint(0, 255, (20, 1, 56, 56), dtype=torch.uint8, generator=g), torch.arange(20) % 2)
+    res = fit(n, data, data, TrainConfig(epochs=5, val_every=2, batch_size=10, optimizer="adamw", lr=1e-3),
+              InputConfig(), classes=("a", "b"), seed=0)
+    scored = [r["epoch"] for r in res.history if not math.isnan(r["val_loss"])]
+    assert scored == [2, 4, 5] and res.best_epoch in scored

@@ -235,18 +235,21 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
                 f"training loss became {train_loss} in epoch {epoch + 1}: lower train.lr (now {cfg.lr}) "
                 f"or check the input normalisation ([input] mean/std)"
             )
-        probs = predict_proba(net, val.x, inp)
-        val_metrics = classification_metrics(val.y.cpu().numpy(), probs, classes)
-        row = {"epoch": epoch + 1, "loss": train_loss, "lr": lr, "val_loss": val_metrics["loss"],
-               "val_auc": val_metrics["auc_macro"], "val_accuracy": val_metrics["accuracy"],
-               "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch + 1, "loss": train_loss, "lr": lr, "val_loss": math.nan, "val_auc": math.nan,
+               "val_accuracy": math.nan}
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            probs = predict_proba(net, val.x, inp)
+            val_metrics = classification_metrics(val.y.cpu().numpy(), probs, classes)
+            row.update(val_loss=val_metrics["loss"], val_auc=val_metrics["auc_macro"],
+                       val_accuracy=val_metrics["accuracy"])
+            score = metric_value(val_metrics, cfg.monitor)
+            if is_better(score, best_score, cfg.monitor):
+                best_score, best_epoch, best_val, stale = score, epoch + 1, val_metrics, 0
+                best_state = copy.deepcopy(net.state_dict())
+            else:
+                stale += 1  # counted in validations, not epochs
+        row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        score = metric_value(val_metrics, cfg.monitor)
-        if is_better(score, best_score, cfg.monitor):
-            best_score, best_epoch, best_val, stale = score, epoch + 1, val_metrics, 0
-            best_state = copy.deepcopy(net.state_dict())
-        else:
-            stale += 1
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
         finished = epoch + 1 == cfg.epochs or (cfg.patience is not None and stale >= cfg.patience)
@@ -263,7 +266,8 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
     if best_state is not None:
         net.load_state_dict(best_state)
     else:  # the monitored metric was never defined: keep the last epoch
-        best_epoch, best_val = len(history), val_metrics
+        best_epoch, best_val = len(history), classification_metrics(
+            val.y.cpu().numpy(), predict_proba(net, val.x, inp), classes)
     if cuda:
         net = net.to(memory_format=torch.contiguous_format)
     return FitResult(history=history, best_epoch=best_epoch, val_metrics=best_val,
