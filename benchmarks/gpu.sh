@@ -86,7 +86,7 @@ EOF
 
 if [ "$DRY" = 0 ]; then
   step "install mltl and its plugins (editable, no dependencies)"
-  install=(install --no-deps --no-build-isolation -e . -e plugins/mltl-gfe -e plugins/mltl-ct
+  install=(--no-deps --no-build-isolation -e . -e plugins/mltl-gfe -e plugins/mltl-ct
            -e plugins/mltl-samala -e plugins/mltl-roc)
   "$PY" -m pip install -q "${install[@]}" || PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install -q "${install[@]}"
 fi
