@@ -48,11 +48,14 @@ FOV_MM = 350.0
 """Field of view across the image, in millimetres, whatever the pixel size."""
 
 MIN_SIZE_PX = 16
+RIBS_PER_SIDE = (0, 2)
+RIB_OBLIQUITY = (0.3, 0.6)  # ribs are cut obliquely: partial volume lowers their cortex
 HU_AIR = -1000.0
 HU_FLOOR, HU_CEILING = -1024.0, 3071.0  # the range a 12-bit CT scanner stores
 
 UNENHANCED, PORTAL = "unenhanced", "portal"
-PORTAL_PHASE_PROBABILITY = 0.6
+PORTAL_PHASE_PROBABILITY = 0.5
+SLICE_LEVEL_RANGE = (0.03, 0.97)  # 0 = T12 (upper abdomen) .. 1 = L3
 
 # Tissue attenuation in HU, (low, high); one value is drawn per slice in this range. Entries keyed by
 # phase enhance with intravenous contrast.
@@ -82,16 +85,23 @@ TISSUE_HU: dict[str, tuple[float, float] | dict[str, tuple[float, float]]] = {
 UNENHANCED_LIVER_VESSEL_DROP_HU = (8.0, 22.0)
 
 # Lesions.
-CYST_DIAMETER_MM = (3.0, 15.0)
+CYST_DIAMETER_MM = (8.0, 45.0)
 CYST_HU = (0.0, 20.0)
-CALCULUS_DIAMETER_MM = (2.0, 10.0)
+CYST_COUNT = (1, 4)
+POLYCYSTIC_CYST_DIAMETER_MM = (4.0, 16.0)
+CALCULUS_DIAMETER_MM = (4.0, 14.0)
 URIC_ACID_STONE_HU = (200.0, 500.0)
 CALCIUM_STONE_HU = (600.0, 1500.0)
+CALCIUM_STONE_PROBABILITY = 0.8  # the others are uric acid
+CALCULUS_COUNT = (1, 4)
+HYDRONEPHROSIS_PROBABILITY = 0.3
+STAGHORN_PROBABILITY = 0.25
 TUMOUR_DIAMETER_MM = (15.0, 60.0)
 TUMOUR_HU = {UNENHANCED: (20.0, 40.0), PORTAL: (80.0, 150.0)}
 NECROSIS_HU = (5.0, 25.0)
-DUCT_RADIUS_MM = (1.2, 3.0)
-SACCULE_RADIUS_MM = (2.5, 7.0)
+DUCT_RADIUS_MM = (1.5, 3.5)
+SACCULE_RADIUS_MM = (3.0, 10.0)
+SACCULES_PER_BRANCH = (1, 3)
 CENTRAL_DOT_RADIUS_MM = (0.8, 1.8)
 SOFT_TISSUE_DOT_HU = (40.0, 55.0)  # the portal radicle of the central dot sign without contrast
 
@@ -486,7 +496,7 @@ def _render(label: str, size: int, rng: np.random.Generator) -> _Rendered:
         rng=rng,
         canvas=canvas,
         phase=phase,
-        level=float(rng.uniform(0.03, 0.97)),
+        level=float(rng.uniform(*SLICE_LEVEL_RANGE)),
         hu=_sample_tissues(rng, phase),
         texture_coarse=_smooth_field(rng, size, max(TEXTURE_COARSE_MM / canvas.px, 0.7)),
         texture_fine=_smooth_field(rng, size, max(TEXTURE_FINE_MM / canvas.px, 0.5)),
@@ -607,11 +617,13 @@ def _draw_bowel(st: _Slice) -> None:
         r = st.u(7.0, 16.0)
         ang = st.u(0, math.tau)
         elong = st.u(1.0, 1.6)
-        kind = st.pick(("fluid", "collapsed", "gas", "gas-fluid"), (0.4, 0.2, 0.12, 0.28))
+        kind = st.pick(("fluid", "collapsed", "gas", "gas-fluid", "faeces"), (0.32, 0.3, 0.13, 0.12, 0.13))
         wall, lumen = cv.nested_ellipses(x, y, r * elong, r, ang, (), (0.0, 50.0 if kind == "collapsed" else
                                                                        st.u(1.5, 3.0)))
         cv.paint(wall.times(cavity) if wall else None, hu["bowel_wall"])
         _bowel_contents(st, lumen.times(cavity) if lumen else None, kind, y, r)
+        if kind == "faeces":
+            _draw_bubbles(st, x, y, r, st.integer(0, 3))
     colon = []
     if z > 0.3:  # ascending colon, image left (patient right), lateral
         colon.append((st.cx - st.cavity_ax * st.u(0.66, 0.8), st.cy + st.cavity_ay * st.u(-0.3, 0.2),
@@ -705,7 +717,7 @@ KIDNEY_HALF_EXTENT = 0.48  # half the craniocaudal length of a kidney, in slice-
 def _kidney_geometry(st: _Slice, medial_sign: float, h: float) -> _Kidney:
     """Where one kidney is cut at relative height ``h`` from its middle (0) towards a pole (1)."""
     scale = max(math.sqrt(1.0 - h * h), 0.3)
-    a, b = st.u(24.0, 31.0) * scale**0.7, st.u(16.0, 22.0) * scale**0.7
+    a, b = st.u(25.0, 31.0) * scale**0.7, st.u(18.0, 24.0) * scale**0.7
     tilt = st.u(0.5, 0.95)  # long axis to the coronal plane, radians
     long_axis = (medial_sign * math.cos(tilt), math.sin(tilt))  # posteromedial
     hilum = (medial_sign * math.sin(tilt), -math.cos(tilt))  # anteromedial
@@ -880,14 +892,14 @@ def _draw_kidneys(st: _Slice) -> None:
             continue
         ex, ey = k.hilum
         ux, uy = k.long_axis
-        depth = st.u(0.35, 0.6)
+        depth = st.u(0.5, 0.75)
         sx, sy = k.cx + ex * k.b * depth, k.cy + ey * k.b * depth
-        sinus = cv.ellipse(sx, sy, k.a * st.u(0.35, 0.5), k.b * st.u(0.4, 0.55), k.angle)
-        cv.paint(sinus, st.u(-100.0, -40.0))
+        sinus = cv.ellipse(sx, sy, k.a * st.u(0.25, 0.4), k.b * st.u(0.3, 0.45), k.angle)
+        cv.paint(sinus, st.u(-80.0, -20.0))  # fat averaged with vessels and lymphatics
         cv.add_to(layer, sinus)
         # renal pelvis and two calyceal infundibula, unopacified urine in this phase
         px, py = sx + ex * k.b * 0.25, sy + ey * k.b * 0.25
-        pelvis_r = st.u(2.0, 6.0)
+        pelvis_r = st.u(2.0, 5.0)
         cv.paint(cv.ellipse(px, py, pelvis_r * 1.3, pelvis_r, k.angle), hu["urine"])
         for sign in (-1.0, 1.0):
             tx, ty = sx + sign * ux * k.a * 0.45 - ex * k.b * 0.1, sy + sign * uy * k.a * 0.45 - ey * k.b * 0.1
@@ -942,13 +954,13 @@ def _draw_ribs(st: _Slice) -> None:
     cv, hu = st.canvas, st.hu
     rx, ry = st.wall_ax - 4.0, st.wall_ay - 4.0
     for side in (-1.0, 1.0):
-        for _ in range(st.integer(1, 4)):
-            t = st.u(0.55, 2.0)  # angle from the posterior midline
+        for _ in range(st.integer(RIBS_PER_SIDE[0], RIBS_PER_SIDE[1] + 1)):
+            t = st.u(0.55, 1.9)  # angle from the posterior midline
             x, y = st.cx + side * rx * math.sin(t), st.cy + ry * math.cos(t)
             tangent = math.atan2(-ry * math.sin(t), side * rx * math.cos(t))
             a, b = st.u(6.0, 11.0), st.u(3.0, 5.0)
             cortex, marrow = cv.nested_ellipses(x, y, a, b, tangent, (), (0.0, 1.5))
-            cv.paint(cortex, hu["bone_cortex"] * st.u(0.5, 0.9))
+            cv.paint(cortex, hu["bone_cortex"] * st.within(RIB_OBLIQUITY))
             cv.paint(marrow, hu["rib_marrow"])
         if st.level < 0.4 and st.chance(0.6):
             t = st.u(2.3, 2.8)
@@ -976,41 +988,54 @@ def _pick_kidney(st: _Slice) -> _Kidney:
     return st.kidneys[st.integer(0, len(st.kidneys))]
 
 
+def _away_from_hilum(st: _Slice, k: _Kidney, spread: float) -> float:
+    """A polar angle in the kidney's frame on its outer convexity (opposite the hilum) +- spread."""
+    hilum_angle = math.atan2(*_frame(k, k.hilum)[::-1])
+    return hilum_angle + math.pi + st.u(-spread, spread)
+
+
 def _paint_renal_cyst(st: _Slice, k: _Kidney, diameter_mm: float) -> None:
+    """A round water-density cyst in the cortex, often bulging out of the renal outline (exophytic)."""
     cv = st.canvas
     r = diameter_mm / 2.0
-    x, y = _kidney_point(st, k, st.u(0.2, 0.95), st.u(0, math.tau))
+    x, y = _kidney_point(st, k, st.u(0.5, 1.1), _away_from_hilum(st, k, 2.2))
     cv.paint(cv.ellipse(x, y, r, r * st.u(0.85, 1.0), st.u(0, math.pi)), st.within(CYST_HU))
 
 
 def _renal_cyst(st: _Slice) -> None:
-    """``cyst``: one to three simple renal cysts: round, sharp, water density, non-enhancing."""
+    """``cyst``: one or more simple renal cysts: round, sharp, water density, non-enhancing."""
     k = _pick_kidney(st)
-    n = 1 if st.chance(0.7) else st.integer(2, 4)
-    low, high = CYST_DIAMETER_MM
-    for _ in range(n):
-        _paint_renal_cyst(st, k if st.chance(0.8) else _pick_kidney(st), low + (high - low) * st.fraction() ** 1.3)
+    for _ in range(st.integer(CYST_COUNT[0], CYST_COUNT[1] + 1)):
+        _paint_renal_cyst(st, k if st.chance(0.75) else _pick_kidney(st), st.within(CYST_DIAMETER_MM))
 
 
 def _renal_calculi(st: _Slice) -> None:
-    """``calculi``: one to four dense stones in the collecting system (sinus, calyces), some tiny."""
+    """``calculi``: dense stones in the collecting system (pelvis, calyces), or a branching staghorn cast.
+
+    Sometimes the stone obstructs and the pelvis around it is dilated (hydronephrosis).
+    """
     cv = st.canvas
     k = _pick_kidney(st)
-    n = 1 if st.chance(0.65) else st.integer(2, 5)
-    calcium = st.chance(0.75)
-    low, high = CALCULUS_DIAMETER_MM
+    calcium = st.chance(CALCIUM_STONE_PROBABILITY)
+    density = st.within(CALCIUM_STONE_HU if calcium else URIC_ACID_STONE_HU)
     ex, ey = k.hilum
     ux, uy = k.long_axis
-    if st.chance(0.2):  # obstructing stone with a dilated pelvis around it
-        r = st.u(4.0, 9.0)
+    if st.chance(HYDRONEPHROSIS_PROBABILITY):
+        r = st.u(5.0, 11.0)
         cv.paint(cv.ellipse(k.cx + ex * k.b * 0.6, k.cy + ey * k.b * 0.6, r * 1.3, r, k.angle), st.hu["urine"])
-    for _ in range(n):
-        across = st.u(0.0, 0.75) if k.has_sinus else st.u(-0.3, 0.3)
-        along = st.u(-0.6, 0.6)
+    if k.has_sinus and st.chance(STAGHORN_PROBABILITY):  # a cast of the pelvis branching into calyces
+        px, py = k.cx + ex * k.b * 0.55, k.cy + ey * k.b * 0.55
+        for _ in range(st.integer(2, 4)):
+            along, across = st.u(-0.7, 0.7), st.u(-0.1, 0.3)
+            tx, ty = k.cx + ux * k.a * along + ex * k.b * across, k.cy + uy * k.a * along + ey * k.b * across
+            cv.paint(cv.tube([px, tx], [py, ty], [st.u(3.0, 5.0), st.u(1.5, 3.5)]), density)
+        return
+    for _ in range(st.integer(CALCULUS_COUNT[0], CALCULUS_COUNT[1] + 1)):
+        across = st.u(0.35, 0.85) if k.has_sinus else st.u(-0.3, 0.3)  # pelvis/calyx, or central at a pole
+        along = st.u(-0.55, 0.55)
         x = k.cx + ex * k.b * across + ux * k.a * along
         y = k.cy + ey * k.b * across + uy * k.a * along
-        r = (low + (high - low) * st.fraction() ** 1.6) / 2.0
-        density = st.within(CALCIUM_STONE_HU if calcium else URIC_ACID_STONE_HU)
+        r = st.within(CALCULUS_DIAMETER_MM) / 2.0
         wobble = ((3, st.u(0.0, 0.15), st.u(0, math.tau)),)
         cv.paint(cv.ellipse(x, y, r, r * st.u(0.6, 1.0), st.u(0, math.pi), wobble), density)
 
@@ -1021,10 +1046,7 @@ def _renal_tumour(st: _Slice) -> None:
     k = _pick_kidney(st)
     low, high = TUMOUR_DIAMETER_MM
     r = (low + (high - low) * st.fraction() ** 1.4) / 2.0
-    # away from the hilum: the outer convexity or a pole
-    hilum_angle = math.atan2(*_frame(k, k.hilum)[::-1])
-    at = hilum_angle + math.pi + st.u(-1.8, 1.8)
-    x, y = _kidney_point(st, k, st.u(0.45, 1.0), at)
+    x, y = _kidney_point(st, k, st.u(0.45, 1.0), _away_from_hilum(st, k, 1.8))  # convexity or a pole
     wobble = tuple((kk, st.u(0.0, 0.08), st.u(0, math.tau)) for kk in (2, 3, 5))
     mass = cv.ellipse(x, y, r, r * st.u(0.75, 1.0), st.u(0, math.pi), wobble)
     if mass is None:
@@ -1073,7 +1095,7 @@ def _draw_duct_tree(st: _Slice, root: tuple[float, float], targets: list[tuple[f
             m = cv.tube([xs[i], bx], [ys[i], by], [radii[i] * 0.8, base * 0.6])
             if m is not None:
                 cv.paint(m.times(liver), bile)
-        for _ in range(st.integer(0, 3)):  # saccular dilatations along the branch
+        for _ in range(st.integer(SACCULES_PER_BRANCH[0], SACCULES_PER_BRANCH[1] + 1)):  # saccular dilatations
             i = st.integer(1, n)
             sr = st.within(SACCULE_RADIUS_MM)
             sac = cv.ellipse(xs[i], ys[i], sr, sr * st.u(0.7, 1.0), st.u(0, math.pi))
@@ -1118,10 +1140,9 @@ def _caroli_diffuse(st: _Slice) -> None:
     targets = [_point_in_liver(st) for _ in range(st.integer(4, 9))]
     _draw_duct_tree(st, st.liver_hilum, targets, dot_probability=0.5)
     if st.chance(0.6):
-        low, high = CYST_DIAMETER_MM
         for k in st.kidneys:
             for _ in range(st.integer(1, 6)):
-                _paint_renal_cyst(st, k, low + (high - low) * st.fraction() ** 1.5)
+                _paint_renal_cyst(st, k, st.within(POLYCYSTIC_CYST_DIAMETER_MM))
 
 
 _LESIONS: dict[str, Callable[[_Slice], None]] = {
