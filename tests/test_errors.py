@@ -174,3 +174,24 @@ def test_every_catalogue_entry_has_a_test():
     for file, func in names:
         source = (ROOT / file).read_text()
         assert f"def {func}(" in source, f"docs/errors.md names {file}::{func}, which does not exist"
+
+
+def test_disk_full_and_out_of_memory_are_one_line(monkeypatch, capsys):
+    import errno
+
+    from mltl import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/target/model.safetensors")
+
+    monkeypatch.setattr(cli, "_run", full)
+    assert cli.main(["run", "x.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disk full while writing runs/x/target/model.safetensors" in err
+
+    def oom(args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "_run", oom)
+    assert cli.main(["run", "x.toml"]) == 2
+    assert "out of GPU memory: lower stages.<name>.train.batch_size" in capsys.readouterr().err

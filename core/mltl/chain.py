@@ -300,6 +300,8 @@ class _StageRunner:
             metrics = json.loads((stage_dir / "metrics.json").read_text())
             classes = tuple(metrics["classes"])
             test = _read_predictions(stage_dir / "predictions.csv", "test", classes)
+            if len(test) != metrics["n_test"]:
+                raise ValueError(f"predictions.csv has {len(test)} test rows, metrics.json says {metrics['n_test']}")
             sel_path = stage_dir / "selection.json"
             selection = json.loads(sel_path.read_text()) if sel_path.is_file() else None
         except (OSError, ValueError, KeyError) as exc:
@@ -500,7 +502,10 @@ def _run_locked(config: Config, registry: Registry, dev: torch.device, domains: 
     env = environment(dev, config.run.seed)
     if resume:
         write_json_atomic(run_dir / f"environment-resume-{env['time_utc'].replace(':', '')}.json", env)
-        env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else env
+        try:
+            env = json.loads((run_dir / "environment.json").read_text())
+        except (OSError, ValueError):
+            write_json_atomic(run_dir / "environment.json", env)  # damaged or missing: this session's
     else:
         write_text_atomic(run_dir / "config.toml", dump_toml(config.raw))
         write_json_atomic(run_dir / "environment.json", env)

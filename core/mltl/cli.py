@@ -90,6 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mltl: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"mltl: error: disk full while writing {exc.filename or 'the run directory'}: free space and "
+              f"continue with `mltl run CONFIG --resume --out RUN_DIR`", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if "out of memory" not in str(exc).lower():
+            raise
+        print("mltl: error: out of GPU memory: lower stages.<name>.train.batch_size (or [input] size), "
+              "then continue with `mltl run CONFIG --resume --out RUN_DIR`", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:
