@@ -1,49 +1,181 @@
-"""The CT phantom: deterministic, HU-valued, windowed correctly, fast enough to be the demo's data."""
+"""Tests of the synthetic abdominal CT phantom (mltl_ct.phantom): determinism, shapes, HU sanity, windowing."""
 
 import numpy as np
 import pytest
 
-from mltl_ct.phantom import CLASSES, WINDOWS, apply_window, generate, slice_hu
+from mltl_ct.phantom import CLASSES, WINDOWS, _render, apply_window, generate, slice_hu
 
 
-def test_deterministic_and_prefix_stable():
-    a, la = generate(["normal", "cyst"], 4, size=48, seed=3)
-    b, lb = generate(["normal", "cyst"], 4, size=48, seed=3)
-    assert a.tobytes() == b.tobytes() and (la == lb).all()
-    more, _ = generate(["normal", "cyst"], 6, size=48, seed=3)
-    assert (more[:4] == a[:4]).all() and (more[6:10] == a[4:8]).all()  # more images keep the first ones
-    other, _ = generate(["normal", "cyst"], 4, size=48, seed=4)
-    assert not (other == a).all()
+def rng_for(seed, label, i):
+    return np.random.default_rng(np.random.SeedSequence([seed, CLASSES.index(label), i]))
 
 
-def test_shapes_dtypes_and_labels():
-    images, labels = generate(list(CLASSES), 2, size=40, seed=0)
-    assert images.shape == (12, 40, 40) and images.dtype == np.uint8
-    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+# --- determinism ------------------------------------------------------------------------------------------
 
 
-def test_hounsfield_units_are_plausible():
-    rng = np.random.default_rng(0)
-    hu = slice_hu("calculi", 128, rng)
-    assert hu.dtype == np.float32
-    corners = np.concatenate([hu[:4, :4].ravel(), hu[-4:, -4:].ravel()])
-    assert np.median(corners) < -900  # air outside the body
-    assert hu.max() > 200  # bone or stone
-    body = hu[48:80, 48:80]
-    assert -200 < np.median(body) < 300  # soft tissue inside
+def test_same_seed_gives_identical_bytes():
+    a_images, a_labels = generate(["normal", "cyst", "caroli-diffuse"], 3, size=48, seed=7)
+    b_images, b_labels = generate(["normal", "cyst", "caroli-diffuse"], 3, size=48, seed=7)
+    assert a_images.tobytes() == b_images.tobytes()
+    assert a_labels.tobytes() == b_labels.tobytes()
 
 
-def test_windowing_arithmetic():
-    level, width = WINDOWS["abdomen"]
-    assert (level, width) == (40, 400)
-    out = apply_window(np.array([-1000, -160, 40, 240, 3000], np.float32), level, width)
+def test_different_seed_gives_different_images():
+    a, _ = generate(["normal"], 2, size=48, seed=0)
+    b, _ = generate(["normal"], 2, size=48, seed=1)
+    assert not np.array_equal(a, b)
+
+
+def test_more_images_per_class_keeps_the_first_ones():
+    small, _ = generate(["calculi", "normal"], 2, size=40, seed=3)
+    big, _ = generate(["calculi", "normal"], 5, size=40, seed=3)
+    np.testing.assert_array_equal(small[:2], big[:2])  # calculi 0, 1
+    np.testing.assert_array_equal(small[2:], big[5:7])  # normal 0, 1
+
+
+def test_image_depends_on_class_name_not_on_its_position_in_the_list():
+    alone, _ = generate(["tumour"], 2, size=40, seed=2)
+    among, labels = generate(["normal", "tumour"], 2, size=40, seed=2)
+    np.testing.assert_array_equal(alone, among[2:])
+    assert labels.tolist() == [0, 0, 1, 1]
+
+
+def test_generate_matches_windowed_slice_hu():
+    images, _ = generate(["caroli-focal"], 2, size=40, seed=4, window=WINDOWS["liver"])
+    hu = slice_hu("caroli-focal", 40, rng_for(4, "caroli-focal", 1))
+    np.testing.assert_array_equal(images[1], apply_window(hu, *WINDOWS["liver"]))
+
+
+# --- shapes and types -------------------------------------------------------------------------------------
+
+
+def test_generate_shapes_and_dtypes():
+    images, labels = generate(CLASSES, 2, size=32, seed=0)
+    assert images.shape == (len(CLASSES) * 2, 32, 32) and images.dtype == np.uint8
+    assert labels.shape == (len(CLASSES) * 2,) and labels.dtype == np.int64
+    assert labels.tolist() == [c for c in range(len(CLASSES)) for _ in range(2)]
+
+
+def test_generate_with_no_images_per_class():
+    images, labels = generate(["normal", "cyst"], 0, size=32)
+    assert images.shape == (0, 32, 32) and labels.shape == (0,)
+
+
+@pytest.mark.parametrize("label", CLASSES)
+def test_slice_hu_is_float32_finite_and_in_ct_range(label):
+    hu = slice_hu(label, 64, np.random.default_rng(0))
+    assert hu.shape == (64, 64) and hu.dtype == np.float32
+    assert np.isfinite(hu).all()
+    assert hu.min() >= -1024 and hu.max() <= 3071
+
+
+def test_other_sizes():
+    assert slice_hu("normal", 150, np.random.default_rng(1)).shape == (150, 150)
+    assert slice_hu("calculi", 97, np.random.default_rng(1)).shape == (97, 97)
+
+
+# --- HU sanity --------------------------------------------------------------------------------------------
+
+
+def test_air_outside_the_body_and_soft_tissue_inside():
+    for i in range(8):
+        hu = slice_hu(CLASSES[i % len(CLASSES)], 64, np.random.default_rng(i))
+        corners = [hu[:6, :6], hu[:6, -6:], hu[-6:, :6], hu[-6:, -6:]]
+        for corner in corners:
+            assert abs(float(corner.mean()) + 1000.0) < 30.0
+        centre = hu[24:40, 24:40]  # mid-abdomen: organs, bowel, fat, vessels
+        assert -300.0 < float(np.median(centre)) < 250.0
+        assert hu.max() > 500.0  # the vertebra
+
+
+def kidney_max_hu(label, n, size=96):
+    """Per slice: the highest HU inside the kidneys (parenchyma and sinus)."""
+    maxima = []
+    for i in range(n):
+        rendered = _render(label, size, rng_for(0, label, i))
+        inside = rendered.layers["kidney"] > 0.5
+        maxima.append(float(rendered.hu[inside].max()))
+    return np.array(maxima)
+
+
+def test_calculi_are_dense_and_normal_kidneys_are_not():
+    calculi = kidney_max_hu("calculi", 12)  # stones are 200-1500 HU, some tiny and partial-volumed
+    normal = kidney_max_hu("normal", 12)  # enhanced cortex is at most 200 HU, plus noise
+    assert np.mean(calculi > 300.0) >= 0.6
+    assert np.mean(normal > 300.0) <= 0.1
+
+
+def test_caroli_ducts_add_bile_density_to_the_liver():
+    def bile_fraction(label):
+        fractions = []
+        for i in range(10):
+            rendered = _render(label, 96, rng_for(0, label, i))
+            liver = rendered.layers["liver"] > 0.9
+            fractions.append(float(np.mean(rendered.hu[liver] < 25.0)))
+        return np.mean(fractions)
+
+    assert bile_fraction("caroli-diffuse") > bile_fraction("normal") + 0.05
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+def test_unknown_class_raises_naming_it_and_listing_classes():
+    with pytest.raises(ValueError) as info:
+        generate(["normal", "kidney-stone"], 2)
+    message = str(info.value)
+    assert "kidney-stone" in message
+    for name in CLASSES:
+        assert name in message
+    with pytest.raises(ValueError, match="bogus"):
+        slice_hu("bogus", 64, np.random.default_rng(0))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError):
+        generate(["normal", "normal"], 2)
+    with pytest.raises(ValueError):
+        generate(["normal"], -1)
+    with pytest.raises(ValueError):
+        slice_hu("normal", 4, np.random.default_rng(0))
+
+
+# --- windowing --------------------------------------------------------------------------------------------
+
+
+def test_apply_window_arithmetic():
+    out = apply_window(np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0]), 40.0, 400.0)
     assert out.dtype == np.uint8
-    assert out[0] == 0 and out[1] == 0 and out[3] == 255 and out[4] == 255 and out[2] in (127, 128)
+    assert out[0] == 0 and out[1] == 0
+    assert out[2] in (127, 128)
+    assert out[3] == 255 and out[4] == 255
 
 
-def test_unknown_class_is_named():
-    with pytest.raises(ValueError, match="carolli"):
-        generate(["normal", "carolli"], 2)
+def test_apply_window_is_linear_and_monotonic():
+    hu = np.linspace(-500.0, 500.0, 1001)
+    out = apply_window(hu, 60.0, 160.0).astype(int)
+    assert (np.diff(out) >= 0).all()
+    assert out[hu <= -20.0].max() == 0 and out[hu >= 140.0].min() == 255
+    np.testing.assert_allclose(out[(hu > -20) & (hu < 140)], (hu[(hu > -20) & (hu < 140)] + 20) / 160 * 255, atol=0.51)
+
+
+def test_apply_window_rejects_non_positive_width():
+    with pytest.raises(ValueError):
+        apply_window(np.zeros(3), 40.0, 0.0)
+
+
+def test_windows():
+    assert WINDOWS == {
+        "abdomen": (40.0, 400.0),
+        "liver": (60.0, 160.0),
+        "soft-tissue": (50.0, 350.0),
+        "bone": (400.0, 1800.0),
+        "lung": (-600.0, 1500.0),
+    }
+    assert CLASSES == ("normal", "cyst", "calculi", "tumour", "caroli-focal", "caroli-diffuse")
+
+
+# --- the ct-phantom domain plugin (mltl_ct/__init__.py) -----------------------------------------------------
 
 
 def test_domain_plugin_caches_and_checks(tmp_path, monkeypatch):

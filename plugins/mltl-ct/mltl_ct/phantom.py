@@ -48,8 +48,6 @@ FOV_MM = 350.0
 """Field of view across the image, in millimetres, whatever the pixel size."""
 
 MIN_SIZE_PX = 16
-RIBS_PER_SIDE = (0, 2)
-RIB_OBLIQUITY = (0.3, 0.6)  # ribs are cut obliquely: partial volume lowers their cortex
 HU_AIR = -1000.0
 HU_FLOOR, HU_CEILING = -1024.0, 3071.0  # the range a 12-bit CT scanner stores
 
@@ -84,7 +82,13 @@ TISSUE_HU: dict[str, tuple[float, float] | dict[str, tuple[float, float]]] = {
 # Intrahepatic vessels without contrast are this much darker than the liver (blood is ~40 HU).
 UNENHANCED_LIVER_VESSEL_DROP_HU = (8.0, 22.0)
 
-# Lesions.
+# Anatomy that varies in count or partial volume.
+RIBS_PER_SIDE = (0, 2)
+RIB_OBLIQUITY = (0.3, 0.6)  # ribs are cut obliquely: partial volume lowers their cortex
+KIDNEY_HALF_EXTENT = 0.48  # half the craniocaudal length of a kidney, in slice-level units
+
+# Lesions. Sizes lean to the upper end of what is clinically common, so that at 64 pixels (5.5 mm per
+# pixel) most lesions stay visible; the smallest remain sub-pixel and partial-volumed.
 CYST_DIAMETER_MM = (8.0, 45.0)
 CYST_HU = (0.0, 20.0)
 CYST_COUNT = (1, 4)
@@ -162,6 +166,7 @@ def generate(
         raise ValueError(f"images_per_class must be >= 0, got {images_per_class}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    _check_size(size)
     level, width = window
     images = np.empty((len(names) * images_per_class, size, size), dtype=np.uint8)
     labels = np.repeat(np.arange(len(names), dtype=np.int64), images_per_class)
@@ -176,6 +181,11 @@ def generate(
 def _check_label(label: str) -> None:
     if label not in CLASSES:
         raise ValueError(f"unknown phantom class {label!r}; expected one of {', '.join(CLASSES)}")
+
+
+def _check_size(size: int) -> None:
+    if int(size) != size or size < MIN_SIZE_PX:
+        raise ValueError(f"size must be an integer >= {MIN_SIZE_PX}, got {size}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -275,16 +285,20 @@ class _Canvas:
         else:
             u, v = dx, dy
         u2, v2 = u * u, v * v
-        # Distance from the centre to the outline along the ray through each pixel: rho / q, where q = 1
-        # on the ellipse. The tiny epsilon makes it min(a, b) at the very centre instead of 0 / 0.
-        eps2 = (1e-6 * min(a, b)) ** 2
-        rho = np.sqrt(u2 + v2 + eps2)
-        q = np.sqrt(u2 * (1.0 / (a * a)) + v2 * (1.0 / (b * b)) + eps2 / min(a, b) ** 2)
-        edge = rho / q
-        if wobble:
-            theta = np.arctan2(v, u)
-            edge = edge * (1.0 + sum(amp * np.cos(k * theta + phase) for k, amp, phase in wobble))
-        outside = rho - edge
+        q = u2 * (1.0 / (a * a)) + v2 * (1.0 / (b * b))
+        np.sqrt(q, out=q)  # 1 on the ellipse
+        if wobble or max(a, b) > 1.25 * min(a, b):
+            # Signed distance along the ray from the centre: rho - rho / q, with rho / q the centre-to-edge
+            # distance. The tiny epsilon makes that min(a, b) at the very centre instead of 0 / 0.
+            eps = 1e-6 * min(a, b)
+            rho = np.sqrt(u2 + v2 + eps * eps)
+            edge = rho / (q + 1e-6)
+            if wobble:
+                theta = np.arctan2(v, u)
+                edge *= 1.0 + sum(amp * np.cos(k * theta + phase) for k, amp, phase in wobble)
+            outside = rho - edge
+        else:  # near-circular: the same distance to first order, cheaper
+            outside = (q - 1.0) * math.sqrt(a * b)
         masks: list[_Mask | None] = []
         for inset in insets_mm:
             ai, bi = a - inset, b - inset
@@ -327,7 +341,7 @@ class _Canvas:
         region = self.hu[mask.box]
         region += mask.weight * (value - region)
 
-    def halfplane_below(self, mask: _Mask | None, y_level: float) -> _Mask | None:
+    def part_anterior_to(self, mask: _Mask | None, y_level: float) -> _Mask | None:
         """The part of ``mask`` anterior to (above, in the image) the line y = y_level mm."""
         if mask is None:
             return None
@@ -416,7 +430,6 @@ class _Slice:
     vertebra_a: float = 0.0
     vertebra_b: float = 0.0
     canal_y: float = 0.0
-    psoas_a: float = 0.0
     ivc: tuple[float, float] = (0.0, 0.0)
     liver_right: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # cx, cy, a, b
     liver_left: tuple[float, float, float, float, float] | None = None  # cx, cy, a, b, angle
@@ -487,8 +500,7 @@ class _Rendered:
 def _render(label: str, size: int, rng: np.random.Generator) -> _Rendered:
     """Draw one slice; also return organ coverage layers (used by the tests)."""
     _check_label(label)
-    if int(size) != size or size < MIN_SIZE_PX:
-        raise ValueError(f"size must be an integer >= {MIN_SIZE_PX}, got {size}")
+    _check_size(size)
     size = int(size)
     canvas = _Canvas(size)
     phase = PORTAL if rng.random() < PORTAL_PHASE_PROBABILITY else UNENHANCED
@@ -591,7 +603,7 @@ def _bowel_contents(st: _Slice, mask: _Mask | None, kind: str, cy: float, r: flo
         cv.paint(mask, hu["bowel_fluid"])
     elif kind == "gas-fluid":
         cv.paint(mask, hu["bowel_fluid"])
-        cv.paint(cv.halfplane_below(mask, cy - r * st.u(-0.2, 0.6)), HU_AIR)
+        cv.paint(cv.part_anterior_to(mask, cy - r * st.u(-0.2, 0.6)), HU_AIR)
     else:  # faeces: mottled, with bubbles
         base = st.u(-120.0, 30.0) + st.u(40.0, 120.0) * st.texture_fine[mask.box]
         cv.paint(mask, base)
@@ -610,7 +622,7 @@ def _draw_bowel(st: _Slice) -> None:
     """Small-bowel loops in the anterior abdomen and colon segments (faeces, gas), inside the cavity."""
     cv, hu, z = st.canvas, st.hu, st.level
     cavity = st.layers["cavity"]
-    n_small = st.integer(4, 8) + int(round(8 * z))
+    n_small = st.integer(3, 7) + int(round(7 * z))
     for _ in range(n_small):
         x = st.cx + st.cavity_ax * st.u(-0.75, 0.75)
         y = st.cy + st.cavity_ay * st.u(-0.85, 0.25)
@@ -711,9 +723,6 @@ def _draw_back_muscles(st: _Slice) -> None:
                             st.u(12.0, 18.0), st.u(6.0, 10.0), -side * st.u(0.2, 0.6)), hu["muscle"])
 
 
-KIDNEY_HALF_EXTENT = 0.48  # half the craniocaudal length of a kidney, in slice-level units
-
-
 def _kidney_geometry(st: _Slice, medial_sign: float, h: float) -> _Kidney:
     """Where one kidney is cut at relative height ``h`` from its middle (0) towards a pole (1)."""
     scale = max(math.sqrt(1.0 - h * h), 0.3)
@@ -723,8 +732,8 @@ def _kidney_geometry(st: _Slice, medial_sign: float, h: float) -> _Kidney:
     hilum = (medial_sign * math.sin(tilt), -math.cos(tilt))  # anteromedial
     angle = math.atan2(long_axis[1], long_axis[0])
     half_width = math.hypot(a * long_axis[0], b * hilum[0])
-    st.psoas_a = 6.0 + 10.0 * st.level
-    cx = st.spine_x - medial_sign * (st.vertebra_a + 1.6 * st.psoas_a + half_width + st.u(0.0, 8.0))
+    psoas_a = 6.0 + 10.0 * st.level  # as in _draw_psoas: the kidney sits lateral to the psoas
+    cx = st.spine_x - medial_sign * (st.vertebra_a + 1.6 * psoas_a + half_width + st.u(0.0, 8.0))
     cy = st.vertebra_y + st.u(-6.0, 12.0)
     return _Kidney(cx, cy, a, b, angle, hilum, long_axis, h < 0.6, medial_sign)
 
@@ -998,7 +1007,7 @@ def _paint_renal_cyst(st: _Slice, k: _Kidney, diameter_mm: float) -> None:
     """A round water-density cyst in the cortex, often bulging out of the renal outline (exophytic)."""
     cv = st.canvas
     r = diameter_mm / 2.0
-    x, y = _kidney_point(st, k, st.u(0.5, 1.1), _away_from_hilum(st, k, 2.2))
+    x, y = _kidney_point(st, k, st.u(0.55, 1.15), _away_from_hilum(st, k, 2.2))
     cv.paint(cv.ellipse(x, y, r, r * st.u(0.85, 1.0), st.u(0, math.pi)), st.within(CYST_HU))
 
 
@@ -1113,14 +1122,14 @@ def _caroli_focal(st: _Slice) -> None:
     """``caroli-focal``: saccular/fusiform duct dilatation confined to one segment (often the left lobe)."""
     if st.liver_left is not None and st.chance(0.65):
         lx, ly, la, lb, lang = st.liver_left
-        targets = [_point_in_liver(st, "left") for _ in range(st.integer(2, 5))]
+        targets = [_point_in_liver(st, "left") for _ in range(st.integer(3, 6))]
         root = (lx - 0.6 * la * math.cos(lang), ly - 0.6 * la * math.sin(lang))
     else:
         cx, cy, a, b = st.liver_right
         centre = _point_in_liver(st, "right")
         spread = 0.35 * min(a, b)
         targets = [(centre[0] + st.u(-spread, spread), centre[1] + st.u(-spread, spread))
-                   for _ in range(st.integer(2, 5))]
+                   for _ in range(st.integer(3, 6))]
         hx, hy = st.liver_hilum
         root = (hx + 0.4 * (centre[0] - hx), hy + 0.4 * (centre[1] - hy))
     _draw_duct_tree(st, root, targets, dot_probability=0.6)
@@ -1131,13 +1140,13 @@ def _caroli_syndrome_anatomy(st: _Slice) -> None:
     st.liver_nodularity_hu = st.u(3.0, 10.0)
     st.liver_fibrosis_hu = st.u(4.0, 14.0)
     st.liver_contour_irregularity = st.u(0.0, 0.025)
-    if st.chance(0.5):
+    if st.chance(0.6):
         st.spleen_scale = st.u(1.15, 1.5)
 
 
 def _caroli_diffuse(st: _Slice) -> None:
     """``caroli-diffuse``: dilated ducts throughout the liver, plus often polycystic-looking kidneys."""
-    targets = [_point_in_liver(st) for _ in range(st.integer(4, 9))]
+    targets = [_point_in_liver(st) for _ in range(st.integer(5, 11))]
     _draw_duct_tree(st, st.liver_hilum, targets, dot_probability=0.5)
     if st.chance(0.6):
         for k in st.kidneys:
