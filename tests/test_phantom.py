@@ -193,3 +193,15 @@ def test_domain_plugin_caches_and_checks(tmp_path, monkeypatch):
         reg.create("domain", "ct-phantom", {"classes": ["normal", "kidney"]}, extra={"image_size": 32})
     with pytest.raises(mltl.UserError, match='unknown window "brain"'):
         reg.create("domain", "ct-phantom", {"window": "brain"}, extra={"image_size": 32})
+
+
+def test_cache_key_follows_the_generator_code(tmp_path, monkeypatch):
+    import mltl
+    import mltl_ct
+
+    monkeypatch.setenv("MLTL_CACHE_DIR", str(tmp_path))
+    opts = {"classes": ["normal", "cyst"], "images_per_class": 3, "seed": 9}
+    mltl.get_registry().create("domain", "ct-phantom", opts, extra={"image_size": 32})
+    monkeypatch.setattr(mltl_ct, "_generator_hash", lambda: "changed")
+    mltl.get_registry().create("domain", "ct-phantom", opts, extra={"image_size": 32})
+    assert len(list(tmp_path.rglob("*.npz"))) == 2  # a new generator version does not reuse the old file

@@ -27,6 +27,10 @@ def _cache_dir() -> Path:
     return Path(root) / "ct-phantom"
 
 
+def _generator_hash() -> str:
+    return hashlib.sha256(Path(phantom.__file__).read_bytes()).hexdigest()[:16]
+
+
 def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images_per_class: int = 100,  # noqa: B006
                       seed: int = 0, window: str | list[float] = "abdomen", size: int | None = None,
                       cache: bool = True, *, image_size: int = 64) -> Domain:
@@ -48,7 +52,8 @@ def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images
     else:
         raise UserError(f"ct-phantom: window must be a preset name or [level, width] with width > 0, got {window}")
     side = size or image_size
-    key = json.dumps([CACHE_VERSION, list(classes), images_per_class, side, seed, level, width])
+    # the generator's own source is part of the key: a changed phantom never serves stale cached images
+    key = json.dumps([CACHE_VERSION, _generator_hash(), list(classes), images_per_class, side, seed, level, width])
     path = _cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
     images = labels = None
     if cache and path.exists():
