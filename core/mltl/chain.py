@@ -403,7 +403,8 @@ def _resume_dir(config: Config, out: str | None) -> Path:
         path = Path(out)
     else:
         base = Path("runs") / config.run.name
-        found = [p for p in [base, *base.parent.glob(f"{config.run.name}-*")] if (p / "config.toml").is_file()]
+        numbered = [p for p in base.parent.glob(f"{config.run.name}-*") if re.fullmatch(r"\d+", p.name[len(config.run.name) + 1:])]
+        found = [p for p in [base, *numbered] if (p / "config.toml").is_file()]  # not runs/<name>-compare etc.
         if not found:
             raise UserError(f"--resume: no earlier run of {config.run.name!r} under runs/; "
                             f"name its directory with --out")
