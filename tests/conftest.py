@@ -63,6 +63,7 @@ name = "target"
 init = "intermediate"
 domain = {{ plugin = "ct-phantom", classes = ["normal", "caroli-focal", "caroli-diffuse"], images_per_class = 12, seed = 23 }}
 freeze = "{target_freeze}"
+split = {{ protocol = "holdout" }}  # the default for a small last stage is 5-fold (tests/test_protocols.py)
 train = {{ epochs = 3, batch_size = 8, optimizer = "adamw", lr = 0.001 }}
 """
 

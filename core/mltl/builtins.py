@@ -16,7 +16,8 @@ from .errors import UserError
 from .freeze import freeze_all_but_classifier, freeze_inherited, freeze_none
 from .hookspecs import hookimpl
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# image decoding (formats, bit depths, transparency, bad files) lives in images.py; re-exported here
+from .images import IMAGE_SUFFIXES, read_image  # noqa: E402,F401
 
 
 def fractal_domain(classes: int = 5, images_per_class: int = 200, seed: int = 0, channels: int = 3,
@@ -35,24 +36,6 @@ def fractal_domain(classes: int = 5, images_per_class: int = 200, seed: int = 0,
                   description=f"{classes} fractal categories x {images_per_class} images (seed {seed})")
 
 
-def read_image(path: Path, *, channels: int, size: int, who: str = "image") -> np.ndarray:
-    """One image file as uint8 ``(size, size)`` (grey) or ``(3, size, size)``: the image-folder domain's
-    decoding, shared with ``mltl predict`` so new images get exactly the training preprocessing."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bit by its range
-                arr = np.asarray(im, dtype=np.float64)
-                lo, hi = float(arr.min()), float(arr.max())
-                im = Image.fromarray(((arr - lo) / (hi - lo or 1) * 255).round().astype(np.uint8))
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"{who}: cannot read image {path}: {exc}; remove or replace the file") from None
-    return arr if channels == 1 else arr.transpose(2, 0, 1)
-
-
 def image_folder_domain(root: str, classes: list[str] | None = None, channels: int = 1, size: int | None = None,
                         *, image_size: int = 64) -> Domain:
     """A folder with one sub-folder of images per class (PNG, JPEG, BMP, TIFF, ...)."""
@@ -68,17 +51,28 @@ def image_folder_domain(root: str, classes: list[str] | None = None, channels: i
     if len(names) < 2:
         raise UserError(f"image-folder: {base} has {len(names)} class sub-folder(s); a classifier needs at least 2")
     side = size or image_size
-    images, labels, ids = [], [], []
+    paths, labels, ids = [], [], []
     for c, name in enumerate(names):
-        files = sorted(p for p in (base / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in (base / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.name.startswith("."))  # hidden: macOS "._x.jpg" resource forks
         if not files:
             raise UserError(f"image-folder: class folder {base / name} holds no images "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         for f in files:
-            images.append(read_image(f, channels=channels, size=side, who="image-folder"))
+            paths.append(f)
             labels.append(c)
             ids.append(f.relative_to(base).as_posix())
-    return Domain(classes=tuple(names), images=np.stack(images), labels=np.array(labels), ids=tuple(ids),
+    # decoded once: later loads come from the decode cache (mltl.cache), keyed by file content and settings
+    from functools import partial
+
+    from .cache import cached_decode
+
+    images = cached_decode(paths, {"reader": "image-folder", "size": side, "channels": channels},
+                           partial(read_image, channels=channels, size=side, who="image-folder"),
+                           source=f"image-folder:{base.resolve()}",
+                           hash_error=lambda p, exc: UserError(f"image-folder: cannot read image {p}: "
+                                                               f"{exc.strerror or exc}; remove or replace the file"))
+    return Domain(classes=tuple(names), images=images, labels=np.array(labels), ids=tuple(ids),
                   description=f"image folder {base}")
 
 
@@ -86,6 +80,11 @@ def image_folder_domain(root: str, classes: list[str] | None = None, channels: i
 def register_domains(register):
     register("fractal", fractal_domain)
     register("image-folder", image_folder_domain)
+    from .manifest import csv_manifest_domain
+    from .medmnist import medmnist_domain
+
+    register("csv-manifest", csv_manifest_domain)
+    register("medmnist", medmnist_domain)
 
 
 @hookimpl

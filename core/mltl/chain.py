@@ -22,15 +22,18 @@ import numpy as np
 import torch
 
 from .config import Config, Stage, StageConfig, dump_toml, load_config
-from .domain import Domain, make_splits, prepare_images, split_counts
+from .domain import (Domain, check_split_classes, deal_groups, kfold_assignment, make_splits, prepare_images,
+                     split_counts, subsample)
 from .errors import ConfigError, UserError
+from .finetune import check as check_finetuning
 from .freeze import FreezePolicy
 from .metrics import classification_metrics, is_better, metric_value
 from .network import HeadSpec, Network, build_network, derive, make_spec
 from .plugins import Registry, check_options, emit, get_registry
 from .reporting import ConsoleReporter, call, write_report
-from .results import Predictions, StageResult
-from .rundir import (RunLock, choose_run_dir, environment, load_weights, save_weights_atomic,
+from .results import Predictions, StageResult, group_keys
+from .protocols import Repeat, plan_repeats, resolve_protocol, splits_from_file, summarise_repeats
+from .rundir import (RunLock, choose_run_dir, environment, load_weights, save_weights_atomic, write_bytes_atomic,
                      write_json_atomic, write_text_atomic)
 from .train import Interrupted, TensorData, fit, predict_proba
 
@@ -104,7 +107,9 @@ def check_networks(config: Config, registry: Registry) -> None:
             errors = []
             for net in candidates:
                 try:
-                    FreezePolicy(cfg.freeze).resolve(net, registry, key=f"{key}.freeze", source=config.source)
+                    net.set_frozen(FreezePolicy(cfg.freeze).resolve(net, registry, key=f"{key}.freeze",
+                                                                    source=config.source))
+                    check_finetuning(net, cfg.train, key=f"{key}.train", source=config.source)
                 except ConfigError as exc:
                     errors.append(exc)
             if len(errors) == len(candidates):  # wrong for every network the stage may start from
@@ -134,11 +139,17 @@ def _predictions_csv(rows: list[Predictions]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     classes = rows[0].classes
-    w.writerow(["id", "split", "label"] + [f"p_{c}" for c in classes])
+    w.writerow(["id", "split", "label", "group"] + [f"p_{c}" for c in classes])
     for p in rows:
         for i in range(len(p)):
-            w.writerow([p.ids[i], p.split, classes[p.labels[i]]] + [repr(float(v)) for v in p.probs[i]])
+            w.writerow([p.ids[i], p.split, classes[p.labels[i]], p.groups[i] if p.groups is not None else ""]
+                       + [repr(float(v)) for v in p.probs[i]])
     return buf.getvalue()
+
+
+def _case_groups(domain: Domain, idx: Any) -> tuple[str, ...] | None:
+    """The salted case keys of images ``idx`` (never the raw patient ids), or None without groups."""
+    return None if domain.groups is None else group_keys([domain.groups[i] for i in idx])
 
 
 def _state_on_cpu(net: Network) -> dict[str, torch.Tensor]:
@@ -152,7 +163,8 @@ def _read_predictions(path: Path, split: str, classes: tuple[str, ...]) -> Predi
                        labels=np.array([classes.index(r["label"]) for r in rows], dtype=np.int64),
                        probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
                        .reshape(len(rows), len(classes)),
-                       classes=classes)
+                       classes=classes,
+                       groups=tuple(r["group"] for r in rows) if rows and all(r.get("group") for r in rows) else None)
 
 
 def _load_network(path: Path, registry: Registry) -> Network:
@@ -195,20 +207,92 @@ class _StageRunner:
             return self._reuse(stage, stage_dir)
         # the same for every variant (a fair comparison), and for a stage of this name in any chain (mltl compare)
         seed = config.run.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000
+        where = f"{config.source}: {key} ({stage.first.domain.plugin}): "
+        first_domain = self.domains[_domain_cache_key(stage.first)]
+        protocol = resolve_protocol(stage.first.split, last=index == len(config.stages) - 1,
+                                    domain=first_domain, key=f"{key}.split", source=config.source)
+        repeats = plan_repeats(stage.first.split, protocol)
+        if len(repeats) == 1:
+            best, candidates = self._select(stage, key, seed, stage_dir,
+                                            lambda dom, cfg: self._split(dom, cfg, repeats[0], where))
+            test_pred, test_metrics = self._test(best)
+            metrics, selection = self._write(stage, stage_dir, best, candidates, test_pred, test_metrics)
+            net = best["net"]
+            net.to("cpu")
+            self.selected[stage.name] = net
+            result = StageResult(name=stage.name, stage_dir=stage_dir, classes=best["domain"].classes,
+                                 test=test_pred, metrics=metrics, selection=selection)
+            call(self.reporters, "stage_finished", result=result)
+            emit("mltl_stage_finished", result=result)
+            return result
+        # a repeated protocol: every fold / draw / seed is a complete stage of its own under repeats/
+        rows = []
+        for rep in repeats:
+            rdir = stage_dir / "repeats" / rep.label
+            if not (self.resume and _finished_repeat(rdir)):
+                best, candidates = self._select(stage, key, seed + rep.seed_offset, rdir,
+                                                lambda dom, cfg, _r=rep: self._split(dom, cfg, _r, where),
+                                                tag=rep.label)
+                test_pred, test_metrics = self._test(best)
+                self._write(stage, rdir, best, candidates, test_pred, test_metrics, repeat=rep.row())
+                del best
+            m = json.loads((rdir / "metrics.json").read_text())
+            rows.append({**rep.row(), "seed": seed + rep.seed_offset, "n_train": m["n_images"]["train"],
+                         "n_test": m["n_test"], "auc_macro": m["auc_macro"], "accuracy": m["accuracy"],
+                         "balanced_accuracy": m["balanced_accuracy"], "train_seconds": m["train_seconds"]})
+        summary = summarise_repeats(protocol, rows, stage_dir / "repeats", repeats)
+        # the stage's own files are those of its representative repeat (the first fold / the first draw at
+        # the largest fraction / the first seed): its model is the one handed on and served by `mltl predict`
+        rep_dir = stage_dir / "repeats" / summary["representative"]
+        for name in ("model.safetensors", "model.json", "history.json", "predictions.csv", "splits.csv",
+                     "selection.json"):
+            if (rep_dir / name).is_file():
+                write_bytes_atomic(stage_dir / name, (rep_dir / name).read_bytes())
+        if summary.get("pooled") is not None:
+            write_text_atomic(stage_dir / "oof_predictions.csv", summary.pop("pooled_csv"))
+        write_json_atomic(stage_dir / "repeats.json", {"protocol": protocol, "rows": rows})
+        metrics = json.loads((rep_dir / "metrics.json").read_text())
+        metrics["protocol"] = summary
+        write_json_atomic(stage_dir / "metrics.json", metrics)  # last: marks the stage finished
+        return self._reuse(stage, stage_dir)
+
+    def _split(self, domain: Domain, cfg: StageConfig, rep: Repeat, where: str) -> dict[str, np.ndarray]:
+        sp = cfg.split
+        split_seed = self.config.run.seed if sp.seed is None else sp.seed
+        if sp.file is not None:
+            splits = splits_from_file(domain, sp.file, where)
+        elif rep.fold is not None:
+            fold = kfold_assignment(domain, sp.folds, seed=split_seed, where=where)
+            rest = np.flatnonzero(fold != rep.fold)
+            dealt = deal_groups(domain, rest, {"val": sp.val}, seed=split_seed + 1 + rep.fold,
+                                min_per_class=sp.min_per_class, where=where)
+            splits = {"train": dealt["train"], "val": dealt["val"], "test": np.flatnonzero(fold == rep.fold)}
+        else:
+            splits = make_splits(domain, val=sp.val, test=sp.test, seed=split_seed,
+                                 min_per_class=sp.min_per_class, where=where)
+        if rep.fraction is not None:
+            splits = {**splits, "train": subsample(domain, splits["train"], rep.fraction,
+                                                   seed=split_seed * 7919 + 1000 * rep.fraction_index + rep.draw)}
+        check_split_classes(domain, splits, where)
+        return splits
+
+    def _select(self, stage: Stage, key: str, seed: int, base: Path, split_of,
+                tag: str = "") -> tuple[dict[str, Any], list]:
+        """Train every variant of the stage on ``split_of(domain, cfg)``; the best on validation and all candidates."""
+        config = self.config
         sweeping = len(stage.variants) > 1
         candidates: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         for label, cfg in stage.variants:
             domain = self.domains[_domain_cache_key(cfg)]
-            where = f"{config.source}: {key} ({cfg.domain.plugin}): "
-            splits = make_splits(domain, val=cfg.split.val, test=cfg.split.test,
-                                 seed=config.run.seed if cfg.split.seed is None else cfg.split.seed,
-                                 min_per_class=cfg.split.min_per_class, where=where)
+            splits = split_of(domain, cfg)
+            vdir = base / "variants" / _safe(label) if sweeping else base
+            vdir.mkdir(parents=True, exist_ok=True)
+            _write_splits(vdir / "splits.csv", domain, splits, check=self.resume)
             x = self._images(cfg)
             y = torch.from_numpy(domain.labels).to(self.device)
             data = {s: TensorData(x[torch.from_numpy(idx).to(self.device)], y[torch.from_numpy(idx).to(self.device)])
                     for s, idx in splits.items()}
-            vdir = stage_dir / "variants" / _safe(label) if sweeping else stage_dir
             record = self._finished_variant(vdir) if self.resume else None
             if record is not None:
                 # a variant finished before the interruption: reuse it as it is
@@ -219,7 +303,8 @@ class _StageRunner:
                     val_pred = Predictions(
                         ids=tuple(domain.ids[i] for i in splits["val"]), split="val",
                         labels=data["val"].y.cpu().numpy(),
-                        probs=predict_proba(net.to(self.device), data["val"].x, config.input), classes=domain.classes)
+                        probs=predict_proba(net.to(self.device), data["val"].x, config.input), classes=domain.classes,
+                        groups=_case_groups(domain, splits["val"]))
                     best = {"cand": cand, "net": net.to("cpu"), "cfg": cfg, "domain": domain, "splits": splits,
                             "val_pred": val_pred, "start": start, "note": note,
                             "history": json.loads((vdir / "history.json").read_text())}
@@ -247,7 +332,8 @@ class _StageRunner:
             net.set_frozen(frozen)
             net.to(self.device)
 
-            def on_epoch(epoch: int, row: dict[str, Any], _label: str = label, _cfg: StageConfig = cfg) -> None:
+            def on_epoch(epoch: int, row: dict[str, Any], _label: str = ",".join(filter(None, (tag, label))),
+                         _cfg: StageConfig = cfg) -> None:
                 row = {**row, "epochs": _cfg.train.epochs}
                 call(self.reporters, "epoch_ended", stage_name=stage.name, variant=_label, epoch=epoch, metrics=row)
                 emit("mltl_epoch_ended", stage_name=stage.name, variant=_label, epoch=epoch, metrics=row)
@@ -258,7 +344,7 @@ class _StageRunner:
             val_pred = Predictions(
                 ids=tuple(domain.ids[i] for i in splits["val"]), split="val",
                 labels=data["val"].y.cpu().numpy(), probs=predict_proba(net, data["val"].x, config.input),
-                classes=domain.classes)
+                classes=domain.classes, groups=_case_groups(domain, splits["val"]))
             val_metrics = classification_metrics(val_pred.labels, val_pred.probs, domain.classes)
             value = metric_value(val_metrics, stage.select_by)
             cand = {
@@ -281,7 +367,19 @@ class _StageRunner:
         if best is None:
             raise UserError(f"{config.source}: {key}: no variant of stage {stage.name} applies to the network "
                             f"it starts from: " + "; ".join(c["skipped"] for c in candidates))
-        return self._finish(stage, stage_dir, best, candidates)
+        return best, candidates
+
+    def _test(self, best: dict[str, Any]) -> tuple[Predictions, dict[str, Any]]:
+        """The selected variant on the test split: its first and only look at it."""
+        domain, net = best["domain"], best["net"]
+        net.to(self.device)
+        x = self._images(best["cfg"])
+        test_idx = best["splits"]["test"]
+        test_pred = Predictions(
+            ids=tuple(domain.ids[i] for i in test_idx), split="test", labels=domain.labels[test_idx],
+            probs=predict_proba(net, x[torch.from_numpy(test_idx).to(self.device)], self.config.input),
+            classes=domain.classes, groups=_case_groups(domain, test_idx))
+        return test_pred, classification_metrics(test_pred.labels, test_pred.probs, domain.classes)
 
     @staticmethod
     def _finished_variant(vdir: Path) -> dict[str, Any] | None:
@@ -314,27 +412,19 @@ class _StageRunner:
         emit("mltl_stage_finished", result=result)
         return result
 
-    def _finish(self, stage: Stage, stage_dir: Path, best: dict[str, Any], candidates: list[dict[str, Any]]) -> StageResult:
-        """Evaluate the selected variant on the test split (its first and only look at it) and write the stage."""
+    def _write(self, stage: Stage, stage_dir: Path, best: dict[str, Any], candidates: list[dict[str, Any]],
+               test_pred: Predictions, test_metrics: dict[str, Any], repeat: dict[str, Any] | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Write a stage's (or one repeat's) files; ``metrics.json`` last, which marks it finished."""
         config, cfg, domain, splits, net = self.config, best["cfg"], best["domain"], best["splits"], best["net"]
-        net.to(self.device)
-        x = self._images(cfg)
-        test_idx = splits["test"]
-        test_pred = Predictions(
-            ids=tuple(domain.ids[i] for i in test_idx), split="test", labels=domain.labels[test_idx],
-            probs=predict_proba(net, x[torch.from_numpy(test_idx).to(self.device)], config.input),
-            classes=domain.classes)
-        test_metrics = classification_metrics(test_pred.labels, test_pred.probs, domain.classes)
         cand = best["cand"]
-        sweeping = len(stage.variants) > 1
         selection = None
-        if sweeping:
+        if len(stage.variants) > 1:
             selection = {"select_by": stage.select_by, "split": "val", "swept": list(stage.swept),
                          "selected": cand["variant"], "candidates": candidates,
                          "rule": f"highest validation {stage.select_by}" if stage.select_by != "loss"
                          else "lowest validation loss", "ties": "the first listed variant wins"}
             write_json_atomic(stage_dir / "selection.json", selection)
-        counts = split_counts(domain, splits)
         metrics = {
             "stage": stage.name,
             "split": "test",
@@ -358,29 +448,48 @@ class _StageRunner:
             "epochs_run": cand["epochs_run"],
             "train_seconds": cand["train_seconds"],
             "n_images": {s: int(len(idx)) for s, idx in splits.items()},
-            "class_counts": counts,
+            "class_counts": split_counts(domain, splits),
         }
+        if repeat is not None:
+            metrics["repeat"] = repeat
         save_weights_atomic(stage_dir / "model.safetensors", net.state_dict(), {"spec": json.dumps(net.spec)})
         write_text_atomic(stage_dir / "model.json", json.dumps(
             {"spec": net.spec, "input": attrs.asdict(config.input), "frozen": cand["frozen"],
              "domain": {"plugin": cfg.domain.plugin, "options": cfg.domain.options}}, indent=2) + "\n")
         write_json_atomic(stage_dir / "history.json", best["history"])
         write_text_atomic(stage_dir / "predictions.csv", _predictions_csv([best["val_pred"], test_pred]))
-        split_rows = io.StringIO()
-        wr = csv.writer(split_rows, lineterminator="\n")
-        wr.writerow(["id", "label", "split"])
-        for s, idx in splits.items():
-            for i in idx:
-                wr.writerow([domain.ids[i], domain.classes[domain.labels[i]], s])
-        write_text_atomic(stage_dir / "splits.csv", split_rows.getvalue())
+        _write_splits(stage_dir / "splits.csv", domain, splits)
         write_json_atomic(stage_dir / "metrics.json", metrics)  # last: marks the stage finished, for --resume
-        net.to("cpu")
-        self.selected[stage.name] = net
-        result = StageResult(name=stage.name, stage_dir=stage_dir, classes=domain.classes, test=test_pred,
-                             metrics=metrics, selection=selection)
-        call(self.reporters, "stage_finished", result=result)
-        emit("mltl_stage_finished", result=result)
-        return result
+        return metrics, selection
+
+
+def _splits_csv(domain: Domain, splits: dict[str, np.ndarray]) -> str:
+    rows = io.StringIO()
+    wr = csv.writer(rows, lineterminator="\n")
+    wr.writerow(["id", "label", "split"])
+    for s, idx in splits.items():
+        for i in idx:
+            wr.writerow([domain.ids[i], domain.classes[domain.labels[i]], s])
+    return rows.getvalue()
+
+
+def _write_splits(path: Path, domain: Domain, splits: dict[str, np.ndarray], check: bool = False) -> None:
+    """Write the split assignment; with ``check`` (a resumed run), refuse one that differs from the saved one."""
+    text = _splits_csv(domain, splits)
+    if check and path.is_file() and path.read_text() != text:
+        raise UserError(f"{path} does not match the split this run makes now (the file is damaged, or the data "
+                        f"or split settings changed since the run started): restore the data, or delete "
+                        f"{path.parent} to re-run that step from the start")
+    write_text_atomic(path, text)
+
+
+def _finished_repeat(rdir: Path) -> bool:
+    try:
+        m = json.loads((rdir / "metrics.json").read_text())
+        load_weights(rdir / "model.safetensors")
+        return isinstance(m, dict) and "auc_macro" in m
+    except (OSError, ValueError, UserError):
+        return False
 
 
 def make_reporters(config: Config, registry: Registry) -> list[Any]:
@@ -489,6 +598,13 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
     dev = resolve_device(device or config.run.device)
     validate(config, registry)
     domains = load_domains(config, registry)
+    from .datacheck import audit_leakage  # duplicates across splits / stages stop the run (docs/data-check.md)
+
+    domains = audit_leakage(config, domains)
+    for i, stage in enumerate(config.stages):  # a protocol the data cannot support fails now, not hours later
+        resolve_protocol(stage.first.split, last=i == len(config.stages) - 1,
+                         domain=domains[_domain_cache_key(stage.first)], key=f"{_stage_key(config, i)}.split",
+                         source=config.source)
     reporters = [ConsoleReporter()] + make_reporters(config, registry)
     out = str(out) if out is not None else config.run.out
     run_dir = _resume_dir(config, out) if resume else choose_run_dir(out, config.run.name)

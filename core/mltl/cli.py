@@ -69,6 +69,61 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list installed plugins, their distributions and what they provide",
                    epilog="example:\n  MLTL_LOAD_PLUGINS=mltl-gfe mltl plugins",
                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    data = sub.add_parser("data", help="audit data: class counts, bad files, duplicates and leakage")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dc = data_sub.add_parser(
+        "check", help="audit an image folder or every domain of a config (see docs/data-check.md)",
+        epilog="Exit status: 0 nothing found that would corrupt an evaluation; 1 problems (corrupt files, a class\n"
+               "with < 2 images, duplicates across splits or stages, one image under two classes); 2 a usage error.\n\n"
+               "examples:\n  mltl data check ../shared/data/ct_kidney\n"
+               "  mltl data check ../shared/data/ct_kidney --group-near-duplicates\n"
+               "  mltl data check examples/kidney_ct.toml --json > audit.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dc.add_argument("target", metavar="PATH_OR_CONFIG", help="a folder with one sub-folder per class, or a config .toml")
+    dc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config only: override a key, as for mltl run")
+    dc.add_argument("--json", action="store_true", help="print the whole report as JSON instead of tables")
+    dc.add_argument("--classes", help="folder only: comma-separated class sub-folders (default all)")
+    dc.add_argument("--val", type=float, default=0.2, help="folder only: validation fraction of the split checked")
+    dc.add_argument("--test", type=float, default=0.2, help="folder only: test fraction of the split checked")
+    dc.add_argument("--seed", type=int, default=0, help="folder only: split seed")
+    dc.add_argument("--group-near-duplicates", action="store_true",
+                    help="folder only: split duplicate groups whole, as split.group_near_duplicates does")
+
+    ex = sub.add_parser("export", help="write a trained stage as ONNX or TorchScript, with its preprocessing metadata",
+                        epilog="The exported model takes uint8 images (N, channels, size, size) and returns class\n"
+                               "probabilities; normalisation and softmax are inside it. The preprocessing that turns a\n"
+                               "file into those pixels is in OUT.json (and in the model's metadata).\n\n"
+                               "examples:\n  mltl export runs/rare-liver/target --format onnx\n"
+                               "  mltl export runs/rare-liver --format torchscript --out deploy/liver.pt",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("stage", help="RUN_DIR/STAGE, or RUN_DIR for its last stage")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
+    ex.add_argument("--out", help="the model file; default STAGE/model.onnx or STAGE/model.pt")
+    ex.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                    help="ONNX only: torch's exporter (auto: the torch.export-based one, falling back to the "
+                         "TorchScript-based one)")
+
+    npl = sub.add_parser("new-plugin", help="create a plugin package (a domain, a test, pyproject.toml) to edit",
+                         epilog="examples:\n  mltl new-plugin hospital-xray\n"
+                                "  mltl new-plugin hospital-xray --dir ~/src && pip install ~/src/mltl-hospital-xray",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    npl.add_argument("name", help="the domain name: lowercase letters, digits and hyphens (package: mltl-NAME)")
+    npl.add_argument("--dir", help="where to create the mltl-NAME folder; default the current folder")
+
+    rep = sub.add_parser("report", help="regenerate the reports (figures, report.md, report.html) of a run directory",
+                         epilog="Nothing is retrained: every number is recomputed from the stages' predictions.csv.\n"
+                                "Stages without metrics.json (an interrupted run) are listed as unfinished.\n\n"
+                                "examples:\n  mltl report runs/rare-liver\n"
+                                "  mltl report runs/rare-liver --set evaluation.case_aggregate=max "
+                                "--set gradcam.per_class=4",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    rep.add_argument("run_dir", help="the run directory (holds config.toml)")
+    rep.add_argument("--set", dest="options", action="append", default=[], metavar="REPORTER.OPTION=VALUE",
+                     help="a reporter option, e.g. evaluation.case_aggregate=max, roc.n_resamples=2000 (repeatable)")
+    rep.add_argument("--reporters", help="comma-separated reporters to replay; default the run's [run] reporters "
+                                         "(all installed when unset)")
     return p
 
 
@@ -82,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        commands = {"run": _run, "compare": _compare, "predict": _predict, "validate": _validate, "plugins": _plugins}
+        commands = {"run": _run, "compare": _compare, "predict": _predict, "validate": _validate, "plugins": _plugins,
+                    "export": _export, "new-plugin": _new_plugin, "report": _report, "data": _data}
         return commands[args.command](args)
     except UserError as exc:
         print(f"mltl: error: {exc}", file=sys.stderr)
@@ -154,6 +210,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    import json
+
+    from .datacheck import check_config, check_folder, render
+
+    target = Path(args.target)
+    if target.is_dir():
+        for name, value in (("--val", args.val), ("--test", args.test)):
+            if not 0 < value < 1:
+                raise UserError(f"data check: {name} must be a fraction between 0 and 1, got {value}")
+        report = check_folder(target, classes=args.classes.split(",") if args.classes else None, val=args.val,
+                              test=args.test, seed=args.seed, group_near_duplicates=args.group_near_duplicates)
+    elif target.is_file():
+        report = check_config(target, args.overrides)
+    else:
+        raise UserError(f'data check: "{args.target}" is neither a folder of class sub-folders nor a config file')
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        render(report)
+    return 0 if report["ok"] else 1
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .chain import load_domains, validate
     from .config import load_config
@@ -186,6 +265,38 @@ def _plugins(args: argparse.Namespace) -> int:
         table.add_row(info.name, info.distribution or "-", info.version or "-",
                       "\n".join(provides.get(info.name, [])) or "-", "\n".join(info.hooks))
     Console(width=max(120, Console().width)).print(table)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.stage, args.format, args.out, exporter=args.exporter)
+    meta = result.metadata
+    print(f"{result.path} ({result.format}, {result.exporter}): uint8 images (N, {meta['input']['channels']}, "
+          f"{meta['input']['size']}, {meta['input']['size']}) -> probabilities of {', '.join(meta['classes'])}")
+    print(f"{result.sidecar}: preprocessing metadata")
+    return 0
+
+
+def _new_plugin(args: argparse.Namespace) -> int:
+    from .scaffold import scaffold
+
+    root = scaffold(args.name, args.dir)
+    print(f"{root}: plugin package created; next:\n  pip install {root}\n  mltl plugins\n"
+          f"  pytest {root / 'tests'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import parse_reporter_options, regenerate
+
+    names = None if args.reporters is None else [n.strip() for n in args.reporters.split(",") if n.strip()]
+    done = regenerate(args.run_dir, reporter_options=parse_reporter_options(args.options), reporters=names)
+    print(f"{done.run_dir}: reported {len(done.finished)} finished stage(s)"
+          + (f"; unfinished: {', '.join(done.unfinished)}" if done.unfinished else "")
+          + f" (reporters: {', '.join(done.reporters) or 'none'})")
+    print(done.run_dir / "report.html")
     return 0
 
 

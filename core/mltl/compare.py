@@ -10,20 +10,26 @@ From a chain config (at least two stages), ``mltl compare`` derives and runs:
 The last stage keeps its domain, split, seed, training settings and head in all three, so every chain is
 tested on the same test images. The table gives each chain's test macro AUC with a 95% CI (paired,
 class-stratified bootstrap), accuracy, and the test of its difference from the full chain: DeLong's test
-for a binary target, the paired bootstrap for a multi-class macro AUC.
+for a binary target, the paired bootstrap for a multi-class macro AUC. A k-fold target (the default for a
+small last stage) is judged on its pooled out-of-fold predictions, every image once, and the table adds
+the mean +/- SD over folds.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 
 from .config import Config, load_config, parse_config
 from .errors import UserError
+from .metrics import classification_metrics
+from .results import Predictions, StageResult
 from .rundir import choose_run_dir, write_json_atomic, write_text_atomic
 from .stats import delong_test, paired_bootstrap
 
@@ -87,13 +93,14 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {name: run(cfg, out=out_dir / name, device=device) for name, cfg in derived.items()}
     reference = "multi-stage" if "multi-stage" in results else "single-stage"
-    ref = results[reference].stages[-1].test
+    ref = _evaluated(results[reference].stages[-1])
     rows = []
     for name, result in results.items():
         target = result.stages[-1]
-        test = target.test
+        test = _evaluated(target)
         if test.ids != ref.ids:
             raise RuntimeError("the chains were tested on different images; this is a bug in mltl compare")
+        scores = classification_metrics(test.labels, test.probs, test.classes)
         boot = paired_bootstrap(test.labels, test.probs, None if name == reference else ref.probs,
                                 classes=test.classes, n_resamples=n_resamples, seed=config.run.seed)
         row: dict[str, Any] = {
@@ -101,9 +108,11 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
             "stages": [s.name for s in result.stages],
             "train_images": [s.metrics["n_images"]["train"] for s in result.stages],
             "classes": [len(s.classes) for s in result.stages],
-            "auc_macro": target.metrics["auc_macro"], "auc_ci95": [boot["ci_low"], boot["ci_high"]],
-            "accuracy": target.metrics["accuracy"], "n_test": target.metrics["n_test"],
-            "train_seconds": sum(s.metrics["train_seconds"] for s in result.stages),
+            "auc_macro": scores["auc_macro"], "auc_ci95": [boot["ci_low"], boot["ci_high"]],
+            "accuracy": scores["accuracy"],
+            "n_test": len(test), "evaluated_on": test.split,
+            "repeats": _repeats(target),
+            "train_seconds": sum(_train_seconds(s) for s in result.stages),
             "run_dir": str(result.run_dir),
         }
         if name != reference:
@@ -121,21 +130,56 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     return Comparison(out=out_dir, rows=tuple(rows))
 
 
+def _evaluated(stage: StageResult) -> Predictions:
+    """The predictions a chain is judged on: the pooled out-of-fold test predictions of a k-fold target
+    (every image once), else the target's test predictions."""
+    oof = stage.stage_dir / "oof_predictions.csv"
+    if (stage.metrics.get("protocol") or {}).get("pooled") and oof.is_file():
+        with open(oof, newline="") as f:
+            rows = list(csv.DictReader(f))
+        classes = stage.classes
+        return Predictions(ids=tuple(r["id"] for r in rows), split="out-of-fold test",
+                           labels=np.array([classes.index(r["label"]) for r in rows], dtype=np.int64),
+                           probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows]),
+                           classes=classes)
+    return stage.test
+
+
+def _repeats(stage: StageResult) -> dict[str, Any] | None:
+    proto = stage.metrics.get("protocol")
+    if not proto:
+        return None
+    return {"protocol": proto["name"], "n": proto["auc_macro"]["n"], "auc_mean": proto["auc_macro"]["mean"],
+            "auc_sd": proto["auc_macro"]["sd"]}
+
+
+def _train_seconds(stage: StageResult) -> float:
+    proto = stage.metrics.get("protocol")
+    return float(proto["train_seconds_total"]) if proto else float(stage.metrics["train_seconds"])
+
+
 def render(rows: list[dict[str, Any]], reference: str) -> str:
     lines = [f"# Chain comparison (same target test split; p against {reference})", "",
-             "| chain | stages | train images per stage | classes | test AUC (95% CI) | accuracy | n test | "
-             f"p vs {reference} | training time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| chain | stages | train images per stage | classes | test AUC (95% CI) | AUC mean +/- SD over "
+             f"repeats | accuracy | n test | p vs {reference} | training time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r.get("p_vs_" + reference)
         lo, hi = r["auc_ci95"]
+        rep = r.get("repeats")
+        spread = "-" if not rep else (f"{rep['auc_mean']:.3f} +/- {rep['auc_sd']:.3f} ({rep['n']} {rep['protocol']})"
+                                      if rep["auc_sd"] is not None else f"{rep['auc_mean']:.3f}")
         lines.append(
             f"| {r['chain']} | {' -> '.join(r['stages'])} | {' / '.join(map(str, r['train_images']))} | "
-            f"{' / '.join(map(str, r['classes']))} | {r['auc_macro']:.3f} ({lo:.3f}-{hi:.3f}) | {r['accuracy']:.3f} | "
-            f"{r['n_test']} | {'-' if p is None else f'{p:.3g}'} | {r['train_seconds']:.0f} |")
+            f"{' / '.join(map(str, r['classes']))} | {r['auc_macro']:.3f} ({lo:.3f}-{hi:.3f}) | {spread} | "
+            f"{r['accuracy']:.3f} | {r['n_test']} | {'-' if p is None else f'{p:.3g}'} | {r['train_seconds']:.0f} |")
     tests = {r["test"] for r in rows if "test" in r}
-    lines += ["", f"Test of the AUC difference: {', '.join(sorted(tests))}. Each chain selects its variants on "
-              "validation data only; the test split is the same images for every chain.", ""]
+    evaluated = {r.get("evaluated_on", "test") for r in rows}
+    lines += ["", f"Test of the AUC difference: {', '.join(sorted(tests))}. AUC, CI, accuracy and p are computed "
+              f"on the {' / '.join(sorted(evaluated))} predictions (for a k-fold target: every image once, each "
+              "predicted by the fold model that did not train on it). Each chain selects its variants on "
+              "validation data only; the test images are the same for every chain. Training images per stage "
+              "are those of the representative repeat; training time sums every repeat.", ""]
     return "\n".join(lines)
 
 

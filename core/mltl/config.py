@@ -61,6 +61,23 @@ def _unit_interval(instance, attribute, value) -> None:
         raise ValueError("must be at least 0 and below 1")
 
 
+def _decay(value) -> None:
+    if not 0 < value <= 1:
+        raise ValueError("must be in (0, 1]")
+
+
+def _group_lr(value) -> None:
+    for name, mult in value.items():
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult <= 0:
+            raise ValueError(f"group {name!r}: the multiplier must be a number greater than 0, got {mult!r}")
+
+
+def _augment_items(instance, attribute, value) -> None:
+    from .augment import validate_items
+
+    validate_items(instance, attribute, value)
+
+
 @attrs.frozen
 class RunSection:
     name: str = attrs.field(metadata=doc("Run name; the run directory defaults to runs/<name>."))
@@ -68,6 +85,8 @@ class RunSection:
     device: str = attrs.field(default="auto", metadata=doc('"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".'))
     out: str | None = attrs.field(default=None, metadata=doc("Run directory; relative paths are relative to the working directory."))
     reporters: tuple[str, ...] | None = attrs.field(default=None, metadata=doc("Reporters to use; default all installed."))
+    device_memory_budget_gb: float | None = attrs.field(default=None, validator=_positive, metadata=doc("A domain whose decoded images (at the input size) exceed this stays in host memory and is streamed to the device in batches; default: half the free CUDA memory (on the CPU: the host budget)."))
+    host_memory_budget_gb: float | None = attrs.field(default=None, validator=_positive, metadata=doc("Streamed images are prepared once in host memory when they fit this, else read and resized per batch from the domain's (possibly memory-mapped) array; default: half the available memory."))
 
     @device.validator
     def _device(self, attribute, value) -> None:
@@ -101,6 +120,29 @@ class SplitConfig:
     test: float = attrs.field(default=0.2, validator=_fraction, metadata=doc("Fraction of each class for the untouched test split."))
     seed: int | None = attrs.field(default=None, metadata=doc("Split seed; default: the run seed."))
     min_per_class: int = attrs.field(default=1, validator=_positive, metadata=doc("Fewest images of each class in validation and test."))
+    protocol: Literal["auto", "holdout", "kfold", "fractions"] = attrs.field(default="auto", metadata=doc(
+        'Evaluation protocol: "holdout" (one train/val/test split), "kfold" (stratified, patient-grouped k-fold: '
+        'every image is tested once, by a model that never saw it; val is taken from the other folds), "fractions" '
+        '(Samala\'s protocol: the holdout split, training on `fractions` of the training set, `draws` random draws '
+        'each), or "auto": kfold for the last stage of the chain when its domain has fewer than 2000 images and no '
+        "predefined split, holdout otherwise. See docs/evaluation.md."))
+    folds: int = attrs.field(default=5, metadata=doc('"kfold": number of folds (at least 2; each class needs that many patient groups).'))
+    fractions: tuple[float, ...] = attrs.field(default=(0.1, 0.25, 0.5, 1.0), metadata=doc('"fractions": fractions of the training split to train on, each in (0, 1].'))
+    draws: int = attrs.field(default=5, validator=_positive, metadata=doc('"fractions": random draws of the training subset (and training seeds) per fraction.'))
+    seeds: int = attrs.field(default=1, validator=_positive, metadata=doc('"holdout": train this many times with different seeds on the same split and report mean +/- SD.'))
+    file: str | None = attrs.field(default=None, metadata=doc("A splits.csv from an earlier run (columns id, split): reuse that exact assignment (holdout only); relative to the working directory."))
+    group_near_duplicates: bool = attrs.field(default=False, metadata=doc("Keep exact and near-duplicate images (e.g. neighbouring slices of one scan, for data without patient ids) in one split: their groups are merged into the domain's patient groups. See docs/data-check.md."))
+    allow_leakage: bool = attrs.field(default=False, metadata=doc("Run even when duplicate images straddle this stage's splits, or join an earlier stage's training images with this stage's validation/test images (otherwise `mltl run` stops; see docs/data-check.md)."))
+
+    @folds.validator
+    def _folds(self, attribute, value) -> None:
+        if value < 2:
+            raise ValueError("must be at least 2")
+
+    @fractions.validator
+    def _fractions(self, attribute, value) -> None:
+        if not value or any(not 0 < f <= 1 for f in value) or len(set(value)) != len(value):
+            raise ValueError("must be a non-empty list of distinct fractions in (0, 1]")
 
 
 @attrs.frozen
@@ -120,7 +162,17 @@ class TrainConfig:
     monitor: Literal["auc", "accuracy", "balanced_accuracy", "loss"] = attrs.field(default="loss", metadata=doc("Validation metric for early stopping and the best-epoch checkpoint."))
     class_weighted: bool = attrs.field(default=False, metadata=doc("Weight the loss by inverse class frequency of the training split."))
     label_smoothing: float = attrs.field(default=0.0, validator=_unit_interval, metadata=doc("Label smoothing of the cross-entropy."))
-    augment: tuple[Literal["hflip", "vflip", "shift"], ...] = attrs.field(default=(), metadata=doc('On-device batch augmentation: any of "hflip", "vflip", "shift" (up to 1/8 of the size).'))
+    lr_decay: float | None = attrs.field(default=None, validator=attrs.validators.optional(lambda i, a, v: _decay(v)), metadata=doc("Layer-wise learning-rate decay in (0, 1]: the classifier trains at lr, each earlier layer group at lr * lr_decay^k (k counted in network order). See docs/finetuning.md."))
+    group_lr: dict[str, float] = attrs.field(factory=dict, validator=lambda i, a, v: _group_lr(v), metadata=doc('Learning-rate multipliers per layer group, e.g. { C1 = 0.1, classifier = 2.0 } (times lr; times the decay when lr_decay is set).'))
+    unfreeze_every: int | None = attrs.field(default=None, validator=_positive, metadata=doc("Gradual unfreezing: the head trains alone first (probe_epochs, default N), then one more trunk group joins from the top every N epochs; policy-frozen groups never join."))
+    probe_epochs: int | None = attrs.field(default=None, validator=_positive, metadata=doc("Linear probing, then fine-tuning: only the head (N layers and classifier) trains for this many epochs, then every group the freeze policy left trainable."))
+    l2sp: float | None = attrs.field(default=None, validator=_non_negative, metadata=doc("L2-SP: add l2sp/2 * ||w - w0||^2 for the weights the stage started from (the earlier stage's; a new backbone's trunk), instead of weight decay on them."))
+    l2sp_beta: float | None = attrs.field(default=None, validator=_non_negative, metadata=doc("L2-SP: add l2sp_beta/2 * ||w||^2 for the new layers (those without an anchor)."))
+    augment: tuple[str, ...] = attrs.field(default=(), validator=_augment_items, metadata=doc('On-device batch augmentation, a random draw per image: "hflip", "vflip", "rotate:DEG", "crop:MIN_AREA" (random resized crop), "shift[:F]" (plain "shift" = up to 1/16 of the size), "brightness:F", "contrast:F", "intensity:F" (both), "noise:STD"; e.g. ["hflip", "rotate:10", "crop:0.8", "intensity:0.1"]. See docs/performance.md.'))
+    sampler: Literal["uniform", "balanced"] = attrs.field(default="uniform", metadata=doc('Batch order: "uniform" (a permutation of the training split each epoch) or "balanced" (each epoch draws as many images, with replacement, with probability inversely proportional to their class frequency, so classes appear about equally often).'))
+    compile: bool = attrs.field(default=False, metadata=doc("torch.compile the network for training (falls back to eager with one warning when compilation fails; needs a C compiler on CPU)."))
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = attrs.field(default="default", metadata=doc("torch.compile mode when compile = true."))
+    sync_batch_norm: bool = attrs.field(default=False, metadata=doc("Under torchrun (DistributedDataParallel): SyncBatchNorm for the trainable BatchNorm layers (statistics over the global batch); default: per-rank statistics."))
 
 
 @attrs.frozen

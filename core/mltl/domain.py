@@ -69,6 +69,60 @@ class Domain:
         return {c: int(k) for c, k in zip(self.classes, counts)}
 
 
+def _groups(domain: Domain) -> tuple[np.ndarray, np.ndarray]:
+    """Per image its group index; per group the class most of its images have (mixed groups stay whole)."""
+    groups = np.asarray(domain.groups if domain.groups is not None else domain.ids)
+    group_names, group_of = np.unique(groups, return_inverse=True)
+    group_label = np.array([np.bincount(domain.labels[group_of == g]).argmax() for g in range(len(group_names))])
+    return group_of, group_label
+
+
+_SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def deal_groups(domain: Domain, pool: np.ndarray, fractions: dict[str, float], *, seed: int, min_per_class: int,
+                where: str, rest: str = "train") -> dict[str, np.ndarray]:
+    """Split the images ``pool`` (indices) by whole groups, stratified by class.
+
+    Each class's groups are shuffled and dealt to the named splits in order until each holds its fraction
+    of the class's images in the pool (and at least ``min_per_class`` images); the rest go to ``rest``.
+    """
+    rng = np.random.default_rng(seed)
+    group_of, group_label = _groups(domain)
+    in_pool = np.zeros(len(domain), dtype=bool)
+    in_pool[pool] = True
+    pool_groups = np.unique(group_of[pool])
+    sizes_all = np.bincount(group_of[pool], minlength=len(group_label))
+    assign: dict[int, str] = {}
+    for c, cls in enumerate(domain.classes):
+        members = pool_groups[group_label[pool_groups] == c]
+        rng.shuffle(members)
+        sizes = sizes_all[members]
+        total = int(sizes.sum())
+        if len(members) < len(fractions) + 1:
+            split_names = "/".join([rest, *(_SPLIT_WORDS.get(x, x) for x in reversed(fractions))])
+            raise UserError(
+                f'{where}class "{cls}" has {len(members)} image group(s); a {split_names} split needs at least '
+                f"{len(fractions) + 1} (add images, or drop the class)"
+            )
+        want = {s: max(min_per_class, int(round(frac * total))) for s, frac in fractions.items()}
+        filled = dict.fromkeys(fractions, 0)
+        for g, size in zip(members, sizes):
+            target = next((s for s in fractions if filled[s] < want[s]), rest)
+            assign[int(g)] = target
+            if target != rest:
+                filled[target] += int(size)
+        if not any(assign[int(g)] == rest for g in members):
+            taken = " and ".join(_SPLIT_WORDS.get(x, x) for x in reversed(fractions))
+            raise UserError(
+                f'{where}class "{cls}" has no {_SPLIT_WORDS.get(rest, rest)} images left after taking {taken} '
+                f"({total} images): lower split.val / split.test or add images"
+            )
+    names = [*fractions, rest]
+    image_split = np.array([assign.get(int(g), "") for g in group_of])
+    return {s: np.flatnonzero((image_split == s) & in_pool) for s in names}
+
+
 def make_splits(domain: Domain, *, val: float, test: float, seed: int, min_per_class: int = 1,
                 where: str = "") -> dict[str, np.ndarray]:
     """Stratified, group-aware train/val/test indices.
@@ -79,44 +133,62 @@ def make_splits(domain: Domain, *, val: float, test: float, seed: int, min_per_c
     """
     if domain.splits is not None:
         out = {s: np.flatnonzero(np.asarray(domain.splits) == s) for s in SPLITS}
-        _check_split_classes(domain, out, where)
+        check_split_classes(domain, out, where)
         return out
-    rng = np.random.default_rng(seed)
-    groups = np.asarray(domain.groups if domain.groups is not None else domain.ids)
-    labels = domain.labels
-    # a group belongs to the class most of its images have; mixed groups stay whole
-    group_names, group_of = np.unique(groups, return_inverse=True)
-    group_label = np.array([np.bincount(labels[group_of == g]).argmax() for g in range(len(group_names))])
-    assign = np.empty(len(group_names), dtype=object)
-    for c, cls in enumerate(domain.classes):
-        members = np.flatnonzero(group_label == c)
-        rng.shuffle(members)
-        sizes = np.bincount(group_of, minlength=len(group_names))[members]
-        total = int(sizes.sum())
-        if len(members) < 3:
-            raise UserError(
-                f'{where}class "{cls}" has {len(members)} image group(s); a train/validation/test split '
-                f"needs at least 3 (add images, or drop the class)"
-            )
-        want = {s: max(min_per_class, int(round(frac * total))) for s, frac in (("test", test), ("val", val))}
-        filled = {"test": 0, "val": 0}
-        for g, size in zip(members, sizes):
-            target = next((s for s in ("test", "val") if filled[s] < want[s]), "train")
-            assign[g] = target
-            if target != "train":
-                filled[target] += int(size)
-        if not np.any(assign[members] == "train"):
-            raise UserError(
-                f'{where}class "{cls}" has no training images left after taking validation and test '
-                f"({total} images): lower split.val / split.test or add images"
-            )
-    image_split = assign[group_of]
-    out = {s: np.flatnonzero(image_split == s) for s in SPLITS}
-    _check_split_classes(domain, out, where)
+    dealt = deal_groups(domain, np.arange(len(domain)), {"test": test, "val": val}, seed=seed,
+                        min_per_class=min_per_class, where=where)
+    out = {s: dealt[s] for s in SPLITS}
+    check_split_classes(domain, out, where)
     return out
 
 
-def _check_split_classes(domain: Domain, splits: dict[str, np.ndarray], where: str) -> None:
+def kfold_assignment(domain: Domain, folds: int, *, seed: int, where: str = "") -> np.ndarray:
+    """Per image its test fold (0..folds-1): stratified by class, whole groups, folds balanced in images."""
+    rng = np.random.default_rng(seed)
+    group_of, group_label = _groups(domain)
+    sizes = np.bincount(group_of, minlength=len(group_label))
+    fold_of_group = np.empty(len(group_label), dtype=np.int64)
+    total = np.zeros(folds, dtype=np.int64)
+    for c, cls in enumerate(domain.classes):
+        members = np.flatnonzero(group_label == c)
+        if len(members) < folds:
+            raise UserError(f'{where}class "{cls}" has {len(members)} image group(s); {folds}-fold '
+                            f"cross-validation needs at least {folds} (lower split.folds or add images)")
+        rng.shuffle(members)
+        members = members[np.argsort(-sizes[members], kind="stable")]  # big groups first, ties shuffled
+        filled = np.zeros(folds, dtype=np.int64)
+        for g in members:
+            # the emptiest fold of this class; ties: the emptiest fold overall, then the lowest
+            f = int(np.lexsort((np.arange(folds), total, filled))[0])
+            fold_of_group[g] = f
+            filled[f] += sizes[g]
+            total[f] += sizes[g]
+    return fold_of_group[group_of]
+
+
+def subsample(domain: Domain, pool: np.ndarray, fraction: float, *, seed: int) -> np.ndarray:
+    """About ``fraction`` of each class's images in ``pool``, drawn as whole groups (at least one per class)."""
+    if fraction >= 1:
+        return np.sort(pool)
+    rng = np.random.default_rng(seed)
+    group_of, group_label = _groups(domain)
+    sizes = np.bincount(group_of[pool], minlength=len(group_label))
+    keep = []
+    for c in range(len(domain.classes)):
+        members = np.unique(group_of[pool][domain.labels[pool] == c])
+        rng.shuffle(members)
+        want = max(1, int(round(fraction * int(sizes[members].sum()))))
+        taken = 0
+        for g in members:
+            if taken >= want:
+                break
+            keep.append(g)
+            taken += int(sizes[g])
+    chosen = np.isin(group_of[pool], np.asarray(keep, dtype=np.int64))
+    return np.sort(pool[chosen])
+
+
+def check_split_classes(domain: Domain, splits: dict[str, np.ndarray], where: str) -> None:
     for s, idx in splits.items():
         present = set(np.unique(domain.labels[idx]).tolist())
         missing = [domain.classes[c] for c in range(len(domain.classes)) if c not in present]

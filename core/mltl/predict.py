@@ -1,17 +1,29 @@
 """Classify new images with a trained stage, with the preprocessing it was trained with.
 
 ``model.json`` beside a stage's weights records the input size, channels and normalisation, and the
-domain it was trained on. Image files are decoded as the ``image-folder`` domain decodes them (same
-channels, same resize), then prepared and normalised exactly as in training.
+domain it was trained on (plugin and options, e.g. a CT window). A file is read by that domain's own
+reader when its plugin provides one (a ``read_file`` attribute on the registered domain factory: DICOM
+with the stage's window, a lesion crop, ...); otherwise it is decoded as the ``image-folder`` domain
+decodes files (same channels, same resize). Then it is prepared and normalised exactly as in training.
+
+A domain plugin gives ``mltl predict`` its reader like this::
+
+    def read_my_file(path, *, image_size, window="abdomen"):   # options: those of the factory
+        ...  # -> uint8 (H, W) or (C, H, W), as the domain's images
+    read_my_file.suffixes = {".dcm"}                           # optional: what a folder is searched for
+
+    def my_domain(root, window="abdomen", *, image_size=64): ...
+    my_domain.read_file = read_my_file
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -30,12 +42,62 @@ log = logging.getLogger("mltl.predict")
 
 @attrs.frozen(eq=False)
 class TrainedStage:
+    """A stage's selected network, loaded from its run directory, with how it reads new files.
+
+    ``read(path)`` turns one file into the uint8 image the stage's domain would have produced;
+    ``suffixes`` are the file endings a folder is searched for.
+    """
+
     network: Network
     input: InputConfig
     classes: tuple[str, ...]
     decode_size: int
     decode_channels: int
     path: Path
+    domain: dict = attrs.field(factory=dict)
+    read: Callable[[Path], np.ndarray] | None = None
+    suffixes: frozenset[str] = frozenset(IMAGE_SUFFIXES)
+
+    def read_file(self, path: Path) -> np.ndarray:
+        if self.read is not None:
+            return self.read(path)
+        return read_image(path, channels=self.decode_channels, size=self.decode_size, who="predict")
+
+
+def _domain_reader(plugin: str | None, options: dict, image_size: int, stage_name: str
+                   ) -> tuple[Callable[[Path], np.ndarray] | None, frozenset[str] | None]:
+    """The domain plugin's own file reader (``factory.read_file``), bound to the stage's options."""
+    if plugin is None:
+        return None, None
+    try:
+        factory = get_registry().get("domain", plugin).factory
+    except UserError:
+        log.warning("stage %s was trained on domain %r, which is not installed here; new files are decoded as "
+                    "the image-folder domain does (install that plugin for its own preprocessing)", stage_name, plugin)
+        return None, None
+    reader = getattr(factory, "read_file", None)
+    if reader is None:
+        return None, None
+    params = inspect.signature(reader).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in options.items() if takes_any or k in params}
+    if "image_size" in params or takes_any:
+        kwargs["image_size"] = image_size
+
+    def read(path: Path) -> np.ndarray:
+        try:
+            arr = np.asarray(reader(Path(path), **kwargs))
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"predict: the {plugin} domain cannot read {path}: {exc}; "
+                            f"remove or replace the file") from None
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            raise TypeError(f"{plugin}: read_file returned {arr.dtype} {arr.shape}, not uint8 (H, W) or (C, H, W)")
+        return arr
+
+    suffixes = getattr(reader, "suffixes", None)
+    return read, (frozenset(s.lower() for s in suffixes) if suffixes is not None else None)
 
 
 def load_stage(path: str | Path) -> TrainedStage:
@@ -56,20 +118,24 @@ def load_stage(path: str | Path) -> TrainedStage:
     net = _load_network(path / "model.safetensors", get_registry())
     domain = info.get("domain", {})
     options = domain.get("options", {})
-    if domain.get("plugin") != "image-folder":
-        log.warning("stage %s was trained on domain %r; new image files are decoded as the image-folder domain "
-                    "does (grey or RGB, resized), which may differ from that domain's own preprocessing",
-                    path.name, domain.get("plugin"))
+    read, suffixes = _domain_reader(domain.get("plugin"), options, inp.size, path.name)
+    if read is None and domain.get("plugin") not in (None, "image-folder"):
+        log.info("stage %s was trained on domain %r, which has no file reader; new image files are decoded as "
+                 "the image-folder domain does (grey or RGB, resized)", path.name, domain.get("plugin"))
     return TrainedStage(network=net, input=inp, classes=net.classes, path=path,
                         decode_size=int(options.get("size") or inp.size),
-                        decode_channels=int(options.get("channels", inp.channels)))
+                        decode_channels=int(options.get("channels", inp.channels)), domain=domain, read=read,
+                        suffixes=suffixes if suffixes is not None else frozenset(IMAGE_SUFFIXES))
 
 
-def iter_images(inputs: Sequence[str | Path]) -> Iterator[Path]:
+def iter_images(inputs: Sequence[str | Path], suffixes: frozenset[str] | set[str] = frozenset(IMAGE_SUFFIXES)
+                ) -> Iterator[Path]:
+    """Files named, and the files in folders (recursively) whose ending is in ``suffixes`` ("" = none)."""
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                              and f.suffix.lower() in suffixes)
         elif p.is_file():
             yield p
         else:
@@ -78,20 +144,32 @@ def iter_images(inputs: Sequence[str | Path]) -> Iterator[Path]:
 
 def predict(stage: TrainedStage | str | Path, inputs: Sequence[str | Path], *, device: str = "cpu",
             batch_size: int = 256) -> Iterator[tuple[Path, np.ndarray]]:
-    """(path, class probabilities) for every image, streamed in batches of ``batch_size``."""
+    """Class probabilities for image files, with the preprocessing the stage was trained with.
+
+    ``stage``: ``RUN_DIR/STAGE``, ``RUN_DIR`` (its last finished stage) or a :func:`load_stage` result.
+    ``inputs``: files and folders (searched recursively for the stage's domain's file types). Yields
+    ``(path, probabilities)`` per file, probabilities a float64 array ordered as ``stage.classes``;
+    files are read and classified in batches of ``batch_size``, so a large folder streams.
+    """
     if not isinstance(stage, TrainedStage):
         stage = load_stage(stage)
+    if batch_size < 1:
+        raise UserError(f"predict: batch size must be at least 1, got {batch_size}")
     net = stage.network.to(device)
     batch: list[Path] = []
 
     def flush() -> Iterator[tuple[Path, np.ndarray]]:
-        arrays = np.stack([read_image(p, channels=stage.decode_channels, size=stage.decode_size, who="predict")
-                           for p in batch])
+        arrays = [stage.read_file(p) for p in batch]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:  # a reader that keeps the file's own size: bring each to the input first
+            arrays = [prepare_images(a[None], size=stage.input.size, channels=stage.input.channels)[0].numpy()
+                      for a in arrays]
+        arrays = np.stack(arrays)
         x = prepare_images(arrays, size=stage.input.size, channels=stage.input.channels).to(device)
         yield from zip(list(batch), predict_proba(net, x, stage.input))
         batch.clear()
 
-    for path in iter_images(inputs):
+    for path in iter_images(inputs, stage.suffixes):
         batch.append(path)
         if len(batch) == batch_size:
             yield from flush()

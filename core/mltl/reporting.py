@@ -95,76 +95,35 @@ class ConsoleReporter:
             self._progress = None
         m = result.metrics
         chosen = f" (selected {m['selected_variant']})" if m.get("selected_variant") else ""
-        self._print(f"[{result.name}] test AUC {_fmt(m['auc_macro'])}, accuracy {_fmt(m['accuracy'])}, "
-                    f"n={m['n_test']}{chosen}")
+        proto = m.get("protocol")
+        if proto:
+            self._print(f"[{result.name}] {protocol_line(proto)}")
+        else:
+            self._print(f"[{result.name}] test AUC {_fmt(m['auc_macro'])}, accuracy {_fmt(m['accuracy'])}, "
+                        f"n={m['n_test']}{chosen}")
 
     def run_finished(self, results: list[StageResult], run_dir: Path) -> None:
         self._print(f"run finished: {run_dir}/report.md")
 
 
-def write_report(run_dir: Path, config_raw: dict[str, Any], results: list[StageResult], env: dict[str, Any]) -> None:
-    """``report.md``: every stage's data, model, selection and test metrics, with links to figures."""
-    lines = [f"# Run report: {config_raw['run']['name']}", ""]
-    lines.append(f"Device: {env.get('device')}; seed {env.get('seed')}; torch {env['packages'].get('torch', '?')}; "
-                 f"started {env.get('time_utc')}. Resolved config: `config.toml`; environment: `environment.json`.")
-    lines.append("")
-    lines.append("Models are selected on each stage's validation split; the test split of each stage is used "
-                 "once, for the selected model only.")
-    lines += ["", "## Summary", "",
-              "| stage | domain | classes | train / val / test | start | frozen | selected | val " 
-              "metric | test AUC (95% CI) | test accuracy |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        m = r.metrics
-        ci = _roc_ci(r.stage_dir)
-        auc = _fmt(m["auc_macro"]) + (f" ({_fmt(ci[0])}-{_fmt(ci[1])})" if ci else "")
-        n = m["n_images"]
-        sel = m.get("selected_variant") or "-"
-        lines.append(
-            f"| {r.name} | {m['domain']} | {len(r.classes)} | {n['train']} / {n['val']} / {n['test']} | "
-            f"{m['start']} | {', '.join(m['frozen']) or 'none'} | {sel} | {m['select_by']} "
-            f"{_fmt(m['val']['selection_value'])} | {auc} | {_fmt(m['accuracy'])} |"
-        )
-    for r in results:
-        m = r.metrics
-        lines += ["", f"## Stage `{r.name}`", ""]
-        lines.append(f"Classes: {', '.join(r.classes)}. {m['inherited']}. Trainable parameters: "
-                     f"{m['trainable_parameters']:,}; best epoch {m['best_epoch']} of {m['epochs_run']}; "
-                     f"training time {m['train_seconds']:.1f} s.")
-        if r.selection:
-            lines += ["", f"Selection by validation {r.selection['select_by']} over "
-                          f"{', '.join(r.selection['swept'])}:", "",
-                      "| variant | val " + r.selection["select_by"] + " | val AUC | val accuracy | best epoch |",
-                      "|---|---|---|---|---|"]
-            for c in r.selection["candidates"]:
-                if "skipped" in c:
-                    lines.append(f"| {c['variant']} (not applicable: {c['skipped'].split(': ')[-1]}) | - | - | - | - |")
-                    continue
-                mark = " **selected**" if c["variant"] == r.selection["selected"] else ""
-                lines.append(f"| {c['variant']}{mark} | {_fmt(c['selection_value'])} | {_fmt(c['val']['auc_macro'])} | "
-                             f"{_fmt(c['val']['accuracy'])} | {c['best_epoch']} |")
-        per = m.get("auc_per_class") or {}
-        if per:
-            lines += ["", "Test AUC per class (one-vs-rest): " +
-                      ", ".join(f"{k} {_fmt(v)}" for k, v in per.items()) + "."]
-        cm = m["confusion_matrix"]
-        lines += ["", "Test confusion matrix (rows: true, columns: predicted):", "",
-                  "| | " + " | ".join(r.classes) + " |", "|---" * (len(r.classes) + 1) + "|"]
-        for cls, row in zip(r.classes, cm):
-            lines.append(f"| **{cls}** | " + " | ".join(str(v) for v in row) + " |")
-        for png in sorted(r.stage_dir.glob("*.png")):
-            lines += ["", f"![{png.stem}]({png.relative_to(run_dir).as_posix()})"]
-    for png in sorted(run_dir.glob("*.png")):
-        lines += ["", f"![{png.stem}]({png.name})"]
-    write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+def protocol_line(proto: dict[str, Any]) -> str:
+    """One line for a repeated stage: test AUC and accuracy as mean +/- SD over its repeats."""
+    def ms(d: dict[str, Any]) -> str:
+        return f"{_fmt(d['mean'])} +/- {_fmt(d['sd'])}" if d.get("sd") is not None else _fmt(d.get("mean"))
+
+    what = {"kfold": "folds", "fractions": "draws", "holdout": "seeds"}[proto["name"]]
+    at = f" at {proto['headline']}" if proto.get("headline") else ""
+    text = (f"test AUC {ms(proto['auc_macro'])}, accuracy {ms(proto['accuracy'])} over "
+            f"{proto['auc_macro']['n']} {what}{at}")
+    if proto.get("pooled"):
+        text += f"; pooled out-of-fold AUC {_fmt(proto['pooled']['auc_macro'])} (n={proto['pooled']['n']})"
+    return text
 
 
-def _roc_ci(stage_dir: Path) -> tuple[float, float] | None:
-    path = stage_dir / "roc.json"
-    if not path.exists():
-        return None
-    try:
-        lo, hi = json.loads(path.read_text())["auc_macro_ci95"]
-        return float(lo), float(hi)
-    except (ValueError, KeyError, TypeError):
-        return None
+def write_report(run_dir: Path, config_raw: dict[str, Any], results: list[StageResult], env: dict[str, Any],
+                 unfinished: tuple[str, ...] = ()) -> None:
+    """``report.md`` and a self-contained ``report.html``: every stage's data, model, selection, test metrics
+    (with what the reporters wrote: CIs, case level, calibration, repeats) and figures. See :mod:`mltl.report`."""
+    from .report import write_report as _write
+
+    _write(run_dir, config_raw, results, env, unfinished)

@@ -13,6 +13,7 @@ import copy
 import io
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import augment, distributed
 from .config import InputConfig, TrainConfig
 from .errors import UserError
+from .finetune import FineTuning
 from .metrics import classification_metrics, is_better, metric_value
 from .rundir import write_bytes_atomic
+from .stream import HostImages, is_streamed
 
 CHECKPOINT_VERSION = 1
 
 
 @attrs.frozen(eq=False)
 class TensorData:
-    """One split on the device: uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``."""
+    """One split: uint8 images ``(N, C, H, W)`` on the device (or a streamed :class:`~mltl.stream.HostImages`
+    view, read in batches) and int64 labels ``(N,)`` on the device."""
 
-    x: torch.Tensor
+    x: torch.Tensor | HostImages
     y: torch.Tensor
 
     def __len__(self) -> int:
@@ -55,23 +60,35 @@ def _normalise(x: torch.Tensor, inp: InputConfig) -> torch.Tensor:
     return x.float().mul_(scale).sub_(inp.mean / inp.std)
 
 
-def _augment(x: torch.Tensor, kinds: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
-    """Random flips and shifts of a float batch in pixel units (before normalisation), on its device."""
-    n = x.shape[0]
-    dev = x.device
-    if "hflip" in kinds:
-        m = (torch.rand(n, generator=gen) < 0.5).to(dev).view(-1, 1, 1, 1)
-        x = torch.where(m, x.flip(-1), x)
-    if "vflip" in kinds:
-        m = (torch.rand(n, generator=gen) < 0.5).to(dev).view(-1, 1, 1, 1)
-        x = torch.where(m, x.flip(-2), x)
-    if "shift" in kinds:
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-        theta[:, :, 2] = (torch.rand(n, 2, generator=gen) - 0.5) * 0.25  # up to 1/8 of the size each way
-        grid = F.affine_grid(theta.to(dev), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return x
+def _epoch_order(cfg: TrainConfig, n: int, gen: torch.Generator, y_host: torch.Tensor) -> torch.Tensor:
+    """The epoch's training order on the host: a permutation, or for ``sampler = "balanced"`` n draws with
+    replacement, each image with probability inversely proportional to its class's frequency."""
+    if cfg.sampler == "balanced":
+        w = 1.0 / torch.bincount(y_host).double()[y_host]
+        return torch.multinomial(w, n, replacement=True, generator=gen)
+    return torch.randperm(n, generator=gen)
+
+
+def _val_proba(net: nn.Module, val: TensorData, inp: InputConfig, n_classes: int) -> np.ndarray:
+    """Validation probabilities; under DDP each rank scores a contiguous part and all ranks get all of them."""
+    if not distributed.active():
+        return predict_proba(net, val.x, inp)
+    distributed.broadcast_buffers(net)  # every rank scores rank 0's BatchNorm statistics
+    bounds = distributed.shard_bounds(len(val))
+    a, b = bounds[distributed.info().rank]
+    local = predict_proba(net, val.x[a:b], inp) if b > a else np.zeros((0, n_classes))
+    dev = val.y.device
+    return distributed.gather_rows(torch.from_numpy(local).to(dev), [q - p for p, q in bounds]).cpu().numpy()
+
+
+def _compile(model: nn.Module, cfg: TrainConfig) -> Callable[..., torch.Tensor]:
+    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+
+def _compile_failed(exc: BaseException) -> None:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    warnings.warn(f"train.compile: torch.compile failed ({type(exc).__name__}: {first}); training continues "
+                  f"without compiling (set train.compile = false to skip the attempt)", RuntimeWarning, stacklevel=3)
 
 
 def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
@@ -88,10 +105,12 @@ def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(net: nn.Module, cfg: TrainConfig, tuning: FineTuning | None = None) -> torch.optim.Optimizer:
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise UserError("every layer is frozen: nothing to train (choose a freeze policy that leaves some layers)")
+    if tuning is not None and tuning.active:  # one parameter group per layer group (docs/finetuning.md)
+        params = tuning.param_groups(cfg.lr, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -104,7 +123,7 @@ def predict_proba(net: nn.Module, x: torch.Tensor, inp: InputConfig, batch_size:
     net.eval()
     dev = x.device
     outs = []
-    for chunk in x.split(batch_size):
+    for chunk in (x.chunks(batch_size) if is_streamed(x) else x.split(batch_size)):
         xb = _normalise(chunk, inp)
         if dev.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -137,6 +156,8 @@ def _checkpoint_state(epoch, net, opt, sched, gen, best, history) -> dict[str, A
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if distributed.active():  # dropout masks differ per rank: keep every rank's generator (a collective)
+        state["torch_rng_ranks"] = distributed.all_gather_object(torch.get_rng_state())
     return state
 
 
@@ -170,15 +191,22 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
     """
     dev = train.x.device
     cuda = dev.type == "cuda"
+    # DDP (torchrun), streamed data, augmentation v2, torch.compile: mltl.distributed, mltl.stream, mltl.augment
+    ddp = distributed.info()
+    streamed = is_streamed(train.x)
+    aug_spec = augment.parse(cfg.augment)
+    sync_bn = distributed.to_sync_batch_norm(net) if ddp.active and cfg.sync_batch_norm else None
     if cuda:
         net = net.to(memory_format=torch.channels_last)
-    opt = make_optimizer(net, cfg)
+    tuning = FineTuning(net, cfg)  # before a checkpoint loads: the L2-SP anchor is the stage's starting point
+    opt = make_optimizer(net, cfg, tuning)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
     weight = None
     if cfg.class_weighted:
         counts = torch.bincount(train.y, minlength=len(classes)).float().clamp_min(1)
         weight = (counts.sum() / (len(classes) * counts)).to(dev)
     gen = torch.Generator().manual_seed(seed)
+    y_host = train.y.cpu()
     n = len(train)
     history: list[dict[str, Any]] = []
     best_score: float | None = None
@@ -186,13 +214,17 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
     best_epoch, best_val = -1, {}
     stale = 0
     first_epoch = 0
-    if checkpoint is not None and checkpoint.exists():
+    if ddp.rank > 0:  # own dropout masks per rank (a resumed rank restores its own generator below)
+        torch.manual_seed(seed + 1_000_003 * ddp.rank)
+    if checkpoint is not None and distributed.broadcast_object(checkpoint.exists()):
         state = load_checkpoint(checkpoint)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if ddp.active and len(state.get("torch_rng_ranks", ())) == ddp.world_size:
+            torch.set_rng_state(state["torch_rng_ranks"][ddp.rank])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         history = list(state["history"])
@@ -202,33 +234,66 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
             best_state = {k: v.to(dev) for k, v in best_state.items()}
     start = time.perf_counter()
     last_save = time.monotonic()
+    trainable: tuple[bool, ...] | None = None
+    model: nn.Module = net  # what the loop calls: net, inside DDP under torchrun, compiled with train.compile
+    fwd: Callable[..., torch.Tensor] = net
+    compile_pending = False
+
+    def forward_backward(f: Callable[..., torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, i: int, j: int):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = f(xb)
+        if ddp.active:  # this rank's share of the global batch's mean; DDP's gradient average is then the mean
+            denom = (j - i) if weight is None else weight[train.y[order[i:j]]].sum()
+            loss = F.cross_entropy(logits.float(), yb, weight=weight, label_smoothing=cfg.label_smoothing,
+                                   reduction="sum") * (ddp.world_size / denom)
+        else:
+            loss = F.cross_entropy(logits.float(), yb, weight=weight, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        penalty = tuning.penalty()
+        (loss if penalty is None else loss + penalty).backward()
+        return loss
+
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
+        tuning.begin_epoch(epoch)
         net.train()
-        order = torch.randperm(n, generator=gen).to(dev)
+        now = tuple(p.requires_grad for p in net.parameters())
+        if now != trainable:  # the first epoch, or gradual unfreezing changed what trains: (re)wrap
+            trainable, model = now, distributed.wrap(net, dev)
+            fwd, compile_pending = (_compile(model, cfg), True) if cfg.compile else (model, False)
+        order_host = _epoch_order(cfg, n, gen, y_host)
+        order = order_host.to(dev)
+        aug = augment.to_device(augment.draw(aug_spec, n, gen), dev) if aug_spec.active else None
+        batches = distributed.batches(n, cfg.batch_size)  # (start, stop, this rank's positions) of each batch
+        feed = train.x.batches([order_host[r].numpy() for _, _, r in batches]) if streamed else None
         loss_sum = torch.zeros((), device=dev)
         seen = 0
         lr = opt.param_groups[0]["lr"]
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            if len(idx) < 2 and n > 1:  # a BatchNorm cannot train on one image
-                continue
-            xb = train.x[idx].float()
-            if cfg.augment:
-                xb = _augment(xb, cfg.augment, gen)
+        for i, j, rows in batches:
+            idx = order[rows]
+            xb = (next(feed) if streamed else train.x[idx]).float()
+            if aug is not None:
+                xb = augment.apply(xb, aug_spec, aug, rows,
+                                   (slice(i, j), slice(ddp.rank, None, ddp.world_size)) if ddp.active else None)
             xb = _normalise(xb, inp)
             yb = train.y[idx]
             if cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = net(xb)
-            loss = F.cross_entropy(logits.float(), yb, weight=weight, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss = forward_backward(fwd, xb, yb, i, j)
+            except Exception as exc:  # noqa: BLE001 - torch.compile fails in many ways, at the first call
+                if not compile_pending:
+                    raise
+                _compile_failed(exc)
+                fwd = model
+                loss = forward_backward(fwd, xb, yb, i, j)
+            compile_pending = False
             opt.step()
-            loss_sum += loss.detach() * len(idx)
-            seen += len(idx)
+            loss_sum += loss.detach() * ((j - i) / ddp.world_size)
+            seen += j - i
         sched.step()
+        if ddp.active:
+            distributed.all_reduce_sum(loss_sum)
         train_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(train_loss):
             raise UserError(
@@ -238,12 +303,12 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
         row = {"epoch": epoch + 1, "loss": train_loss, "lr": lr, "val_loss": math.nan, "val_auc": math.nan,
                "val_accuracy": math.nan}
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            probs = predict_proba(net, val.x, inp)
+            probs = _val_proba(net, val, inp, len(classes))
             val_metrics = classification_metrics(val.y.cpu().numpy(), probs, classes)
             row.update(val_loss=val_metrics["loss"], val_auc=val_metrics["auc_macro"],
                        val_accuracy=val_metrics["accuracy"])
             score = metric_value(val_metrics, cfg.monitor)
-            if is_better(score, best_score, cfg.monitor):
+            if distributed.broadcast_object(is_better(score, best_score, cfg.monitor)):  # rank 0 decides
                 best_score, best_epoch, best_val, stale = score, epoch + 1, val_metrics, 0
                 best_state = copy.deepcopy(net.state_dict())
             else:
@@ -252,22 +317,30 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
+        stop = distributed.any_rank(stop_requested, dev)  # under DDP: a signal to any rank stops all
         finished = epoch + 1 == cfg.epochs or (cfg.patience is not None and stale >= cfg.patience)
-        if checkpoint is not None and not finished and (
-                stop_requested or time.monotonic() - last_save >= checkpoint_seconds):
+        save = checkpoint is not None and not finished and (
+            stop or time.monotonic() - last_save >= checkpoint_seconds)
+        finished, save = distributed.broadcast_object((finished, save))  # rank 0's clock and decision
+        if save:
             best = {"best_score": best_score, "best_state": best_state, "best_epoch": best_epoch,
                     "best_val": best_val, "stale": stale}
-            _save_checkpoint(checkpoint, _checkpoint_state(epoch + 1, net, opt, sched, gen, best, history))
+            state = _checkpoint_state(epoch + 1, net, opt, sched, gen, best, history)
+            if distributed.is_writer():
+                _save_checkpoint(checkpoint, state)
             last_save = time.monotonic()
-        if stop_requested and not finished:
+        if stop and not finished:
             raise Interrupted(checkpoint)
         if finished:
             break
+    tuning.end()
+    if sync_bn is not None:
+        distributed.from_sync_batch_norm(net, sync_bn)
     if best_state is not None:
         net.load_state_dict(best_state)
     else:  # the monitored metric was never defined: keep the last epoch
         best_epoch, best_val = len(history), classification_metrics(
-            val.y.cpu().numpy(), predict_proba(net, val.x, inp), classes)
+            val.y.cpu().numpy(), _val_proba(net, val, inp, len(classes)), classes)
     if cuda:
         net = net.to(memory_format=torch.contiguous_format)
     return FitResult(history=history, best_epoch=best_epoch, val_metrics=best_val,

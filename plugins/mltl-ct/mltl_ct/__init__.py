@@ -4,6 +4,11 @@
 :mod:`mltl_ct.phantom`), windowed to 8 bit; classes ``normal``, ``cyst``, ``calculi``, ``tumour``,
 ``caroli-focal``, ``caroli-diffuse``. The main demo runs on it with no download. Give each stage of a
 chain its own ``seed``: images of one seed and class are identical across stages, which would leak.
+
+``dicom`` (:mod:`mltl_ct.dicom`) and ``nifti`` (:mod:`mltl_ct.nifti`): real CT in Hounsfield units from DICOM
+files and series or NIfTI volumes, windowed with the presets and custom windows of :mod:`mltl_ct.windows`
+(several windows stack as channels). pydicom and nibabel are imported only when those domains are used:
+``pip install "mltl-ct[dicom,nifti]"``. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -81,3 +86,8 @@ def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images
 @hookimpl
 def register_domains(register):
     register("ct-phantom", ct_phantom_domain)
+    from .dicom import dicom_domain
+    from .nifti import nifti_domain
+
+    register("dicom", dicom_domain)
+    register("nifti", nifti_domain)

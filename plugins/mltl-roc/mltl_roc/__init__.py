@@ -1,13 +1,20 @@
-"""ROC reporting for mltl: per-stage ROC curves with a bootstrap 95% CI of the macro AUC, and the
-chain's stages on one plot. See :mod:`mltl_roc.roc` for the arithmetic."""
+"""Evaluation reporting for mltl: ROC curves with bootstrap confidence intervals, the full test
+evaluation recomputed from ``predictions.csv`` (micro / macro / per-class AUC, sensitivity and
+specificity, case-level AUC, calibration), training and learning curves, Grad-CAM overlays, and a
+JSON-lines metrics log. See :mod:`mltl_roc.roc`, :mod:`mltl_roc.evaluation`, :mod:`mltl_roc.figures` and
+:mod:`mltl_roc.gradcam` for the arithmetic and the figures, ``docs/evaluation.md`` for what is reported."""
 
 from __future__ import annotations
 
 from mltl import hookimpl
 
-from .reporter import RocReporter
+from .reporter import EvaluationReporter, GradCamReporter, MetricsLogReporter, RocReporter
 
 
 @hookimpl
 def register_reporters(register):
     register("roc", RocReporter, "ROC curves (roc.png, roc.json) per stage and roc_stages.png per run")
+    register("evaluation", EvaluationReporter,
+             "evaluation.json (AUCs with CI, sensitivity/specificity, case level), calibration, training curves")
+    register("gradcam", GradCamReporter, "Grad-CAM overlays of correct and wrong test images (gradcam.png)")
+    register("metrics-log", MetricsLogReporter, "one JSON line per training epoch in RUN_DIR/metrics.jsonl")

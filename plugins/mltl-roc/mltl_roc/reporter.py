@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from mltl.errors import UserError
 from mltl.results import Predictions, StageResult
-
-from mltl.rundir import write_bytes_atomic
+from mltl.rundir import write_bytes_atomic, write_json_atomic
 
 from .roc import bootstrap_auc_ci, macro_auc, plot_roc, roc_curves, scored_classes
 
@@ -159,3 +159,214 @@ def _same_predictions(a: Predictions, b: Predictions) -> bool:
         and np.array_equal(a.labels, b.labels)
         and np.array_equal(a.probs, b.probs)
     )
+
+
+# ------------------------------------------------------------------------------ evaluation reporter
+
+
+def _histories(stage_dir: Path, metrics: dict[str, Any], selection: dict[str, Any] | None
+               ) -> tuple[dict[str, list], str]:
+    """Every trained variant's history (label -> rows) and the selected label. A repeated stage's
+    variants are those of its representative repeat (whose model the stage keeps)."""
+    base = stage_dir
+    proto = metrics.get("protocol") or {}
+    if proto.get("representative") and (stage_dir / "repeats" / proto["representative"]).is_dir():
+        base = stage_dir / "repeats" / proto["representative"]
+    histories: dict[str, list] = {}
+    if selection:
+        for vdir in sorted((base / "variants").glob("*")):
+            try:
+                label = json.loads((vdir / "variant.json").read_text())["candidate"]["variant"]
+                histories[label] = json.loads((vdir / "history.json").read_text())
+            except (OSError, ValueError, KeyError):
+                continue
+        selected = selection.get("selected", "")
+        if selected in histories:
+            # the selected one last, so it is drawn on top
+            histories[selected] = histories.pop(selected)
+            return histories, selected
+    try:
+        return {"": json.loads((stage_dir / "history.json").read_text())}, ""
+    except (OSError, ValueError):
+        return {}, ""
+
+
+class EvaluationReporter:
+    """Reporter writing each stage's full test evaluation, recomputed from its predictions.
+
+    Files per stage: ``evaluation.json`` (AUC macro / micro / per class with the bootstrap CI of the
+    macro AUC, accuracy, balanced accuracy, sensitivity / specificity / PPV per class, confusion matrix;
+    and, when the domain has patient / study groups, the same at case level), ``calibration.json`` and
+    ``calibration.png`` (reliability diagram, ECE, Brier score), ``training.png`` (loss and validation AUC
+    per epoch of every sweep variant, the selected one bold) and, for a stage repeated over training
+    fractions, ``learning_curve.png``.
+
+    Options: ``case_aggregate`` ("mean" or "max": how a case's image probabilities become the case's),
+    ``n_resamples`` and ``seed`` (bootstrap CIs), ``calibration_bins`` (equal-width bins, default 10).
+    """
+
+    def __init__(self, *, case_aggregate: str = "mean", n_resamples: int = 1000, seed: int = 0,
+                 calibration_bins: int = 10):
+        from .evaluation import CASE_AGGREGATES
+
+        if case_aggregate not in CASE_AGGREGATES:
+            raise UserError(f'case_aggregate must be "mean" or "max", got {case_aggregate!r}')
+        if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+            raise UserError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(calibration_bins, bool) or not isinstance(calibration_bins, int) or calibration_bins < 2:
+            raise UserError(f"calibration_bins must be an integer of at least 2, got {calibration_bins!r}")
+        self.case_aggregate = case_aggregate
+        self.n_resamples = n_resamples
+        self.seed = seed
+        self.calibration_bins = calibration_bins
+
+    def _levels(self, test: Predictions) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Image-level metrics (with the bootstrap CI of the macro AUC) and case-level ones (None without groups)."""
+        from .evaluation import case_level, image_metrics
+
+        labels, probs = np.asarray(test.labels), np.asarray(test.probs, dtype=np.float64)
+        image = image_metrics(labels, probs, test.classes)
+        if len(image["classes_present"]) >= 2:
+            lo, hi = bootstrap_auc_ci(labels, probs, n_resamples=self.n_resamples, seed=self.seed, level=CI_LEVEL)
+        else:
+            lo = hi = math.nan
+        image["auc_macro_ci95"] = [lo, hi]
+        case = None
+        if test.groups is not None and len(test):
+            case = case_level(test.groups, labels, probs, test.classes, aggregate=self.case_aggregate,
+                              n_resamples=self.n_resamples, seed=self.seed)
+        return image, case
+
+    def evaluate(self, result: StageResult) -> dict[str, Any]:
+        """The content of ``evaluation.json`` for one stage."""
+        from mltl.chain import _read_predictions
+
+        test = result.test
+        image, case = self._levels(test)
+        out: dict[str, Any] = {
+            "stage": result.name, "split": test.split, "source": "predictions.csv (test rows)",
+            "ci_method": "stratified bootstrap, percentile", "n_resamples": self.n_resamples, "seed": self.seed,
+            "image": image, "case": case,
+        }
+        if case is None:
+            out["case_note"] = "the domain has no patient / study groups: every image is its own case"
+        oof = Path(result.stage_dir) / "oof_predictions.csv"
+        if oof.is_file():  # k-fold: every image tested once, by the fold model that never saw it
+            pooled = _read_predictions(oof, "test", tuple(test.classes))
+            p_image, p_case = self._levels(pooled)
+            out["pooled_out_of_fold"] = {"source": "oof_predictions.csv", "image": p_image, "case": p_case}
+        return out
+
+    def stage_finished(self, result: StageResult) -> None:
+        from .evaluation import calibration
+        from .figures import plot_learning_curve, plot_reliability, plot_training_curves
+
+        stage_dir = Path(result.stage_dir)
+        test = result.test
+        write_json_atomic(stage_dir / "evaluation.json", _json_safe(self.evaluate(result)))
+        if len(test):
+            cal = calibration(test.labels, test.probs, test.classes, n_bins=self.calibration_bins)
+            cal["stage"] = result.name
+            cal["split"] = test.split
+            write_json_atomic(stage_dir / "calibration.json", _json_safe(cal))
+            plot_reliability(cal, stage_dir / "calibration.png",
+                             f"Reliability, stage {result.name} ({test.split} split, n = {len(test)})")
+        histories, selected = _histories(stage_dir, result.metrics, result.selection)
+        if histories:
+            plot_training_curves(histories, selected, stage_dir / "training.png",
+                                 f"Training curves, stage {result.name}", best_epoch=result.metrics.get("best_epoch"))
+        repeats = stage_dir / "repeats.json"
+        if repeats.is_file():
+            try:
+                rows = json.loads(repeats.read_text())["rows"]
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("stage %r: %s is damaged (%s); no learning curve", result.name, repeats, exc)
+                return
+            if any(r.get("fraction") is not None for r in rows):
+                plot_learning_curve(rows, stage_dir / "learning_curve.png",
+                                    f"Learning curve, stage {result.name}")
+
+
+# -------------------------------------------------------------------------------- Grad-CAM reporter
+
+
+class GradCamReporter:
+    """Reporter writing ``gradcam.png`` per stage: Grad-CAM overlays (captum ``LayerGradCam`` at the last
+    convolutional layer group) of the most confident correct and wrong test images of each class.
+
+    The test images are rebuilt from the stage directory (``model.json``'s domain, ``predictions.csv``'s
+    ids), see :mod:`mltl_roc.gradcam`. Options: ``per_class`` (correct and wrong images per class, default
+    2; 0 turns the figure off). Without captum the reporter writes ``gradcam.json`` saying so and nothing
+    else.
+    """
+
+    def __init__(self, *, per_class: int = 2):
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
+            raise UserError(f"per_class must be a non-negative integer, got {per_class!r}")
+        self.per_class = per_class
+
+    def stage_finished(self, result: StageResult) -> None:
+        from .gradcam import stage_gradcam
+
+        if self.per_class == 0:
+            return
+        stage_dir = Path(result.stage_dir)
+        try:
+            record = stage_gradcam(stage_dir, per_class=self.per_class)
+        except UserError as exc:  # captum missing, a network without convolutions
+            log.warning("stage %r: no Grad-CAM figure: %s", result.name, exc)
+            write_json_atomic(stage_dir / "gradcam.json", {"stage": result.name, "skipped": str(exc)})
+            (stage_dir / "gradcam.png").unlink(missing_ok=True)
+            return
+        if "skipped" in record:
+            log.warning("stage %r: no Grad-CAM figure: %s", result.name, record["skipped"])
+            (stage_dir / "gradcam.png").unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------- metrics log reporter
+
+
+class MetricsLogReporter:
+    """Reporter appending one JSON line per training epoch to ``RUN_DIR/metrics.jsonl``:
+    ``{"time", "stage", "variant", "epoch", "metrics"}``, where ``metrics`` is what the training loop
+    reports (training loss, learning rate, validation loss / AUC / accuracy, seconds). Each line is
+    written and flushed on its own, so ``tail -f`` follows a run; a resumed run appends to the same file
+    (epochs redone after a checkpoint then appear twice, with their times). Undefined values are null.
+    """
+
+    def __init__(self, *, file: str = "metrics.jsonl"):
+        if not file or Path(file).name != file:
+            raise UserError(f"file must be a plain file name inside the run directory, got {file!r}")
+        self.file = file
+        self.path: Path | None = None
+
+    def stage_started(self, stage_name: str, stage_dir: Path) -> None:
+        self.path = Path(stage_dir).parent / self.file
+
+    def epoch_ended(self, stage_name: str, variant: str, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        import time
+
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": stage_name,
+               "variant": variant or None, "epoch": int(epoch), "metrics": metrics}
+        line = json.dumps(_json_safe(_plain(row)), allow_nan=False)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+
+def _plain(value: Any) -> Any:
+    """numpy / torch scalars as Python numbers (for json)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return str(value)
+    return value
