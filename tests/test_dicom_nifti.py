@@ -68,9 +68,12 @@ def write_ct(path, pixels, *, slope=1.0, intercept=-1024.0, patient=MRN, study=N
 
 
 def phantom_pixels(rng, shape=(40, 40)):
+    """Stored values (HU = stored - 1024): a disc of soft tissue with coarse random structure, so that no two
+    generated slices are near-duplicates of each other."""
     y, x = np.mgrid[: shape[0], : shape[1]]
-    body = ((x - shape[1] / 2) ** 2 + (y - shape[0] / 2) ** 2 < (shape[0] * 0.4) ** 2)
-    return (body * 1064 + rng.normal(0, 20, shape)).astype(np.int16)  # stored; HU = stored - 1024
+    body = ((x - shape[1] / 2) ** 2 + (y - shape[0] / 2) ** 2 < (shape[0] * 0.45) ** 2)
+    blocks = np.kron(rng.integers(-150, 250, (5, 5)), np.ones((shape[0] // 5 + 1, shape[1] // 5 + 1)))
+    return (body * (1064 + blocks[: shape[0], : shape[1]]) + rng.normal(0, 20, shape)).astype(np.int16)
 
 
 # ------------------------------------------------------------------------------------------- windows
@@ -332,6 +335,7 @@ def test_identifying_tags_appear_nowhere_in_a_run_directory(tmp_path):
         assert not hits, f"{secret} found in {hits}"
 
 
+@pytest.mark.slow
 def test_bad_dicom_and_nifti_via_the_cli_exit_2_with_one_line(tmp_path):
     make_dicom_tree(tmp_path / "tree", np.random.default_rng(7), slices=1)
     write_ct(tmp_path / "tree" / "normal" / "nopix.dcm", phantom_pixels(np.random.default_rng(0)), pixel_data=False)
@@ -342,7 +346,7 @@ def test_bad_dicom_and_nifti_via_the_cli_exit_2_with_one_line(tmp_path):
                        cwd=ROOT, env=env)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "stages[1].domain" in lines[0] and "nopix.dcm has no pixel data" in lines[0]
+    assert "c.toml: stages[0].domain: dicom:" in lines[0] and "nopix.dcm has no pixel data" in lines[0]
     root = nifti_tree(tmp_path / "n", np.random.default_rng(8), per_class=1)
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)), root / "b" / "t.nii.gz")
     cfg.write_text(TINY_DICOM.format(root=root).replace('plugin = "dicom"', 'plugin = "nifti"'))

@@ -18,3 +18,24 @@ def test_every_config_field_is_documented():
     for _, cls in SECTIONS:
         for f in attrs.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
+
+
+def test_hook_reference_is_up_to_date():
+    from mltl.docgen import render_hooks
+
+    current = (ROOT / "docs" / "hooks.md").read_text()
+    assert current == render_hooks(), "docs/hooks.md is out of date: run `python -m mltl.docgen hooks > docs/hooks.md`"
+
+
+def test_hook_reference_lists_every_hookspec():
+    import inspect
+
+    from mltl import hookspecs
+    from mltl.docgen import render_hooks
+
+    text = render_hooks()
+    specs = [n for n, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, "mltl_spec")]
+    assert len(specs) >= 8
+    for name in specs:
+        first_words = inspect.getdoc(getattr(hookspecs, name)).split("\n")[0].split("``")[0].split(":")[0]
+        assert f"### {name}\n" in text and first_words in text.split(f"### {name}\n")[1]

@@ -351,6 +351,7 @@ def test_medmnist_bad_files(tmp_path, arrays, message):
 
 # -------------------------------------------------------------------------------------- example chain
 
+@pytest.mark.slow
 def test_medmnist_chain_example_offline_message(tmp_path):
     r = mltl_cli("validate", "examples/medmnist_chain.toml", env={"MLTL_DATA_DIR": str(tmp_path / "empty"),
                                                                   "MLTL_OFFLINE": "1"})

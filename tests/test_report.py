@@ -226,7 +226,7 @@ def test_predictions_without_groups_leave_the_column_empty(tiny_run):
 
 def slow_calibration(y, probs, n_bins):
     """Loops over images and bins; binary: column 1 vs class 1, else top-label confidence vs correctness."""
-    n, k = probs.shape
+    n, k = len(probs), len(probs[0])
     pairs = []
     for i in range(n):
         if k == 2:

@@ -8,6 +8,7 @@ once, on the stage's test split. The winner alone is handed to later stages.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,6 +22,7 @@ import attrs
 import numpy as np
 import torch
 
+from . import distributed
 from .config import Config, Stage, StageConfig, dump_toml, load_config
 from .domain import (Domain, check_split_classes, deal_groups, kfold_assignment, make_splits, prepare_images,
                      split_counts, subsample)
@@ -35,6 +37,7 @@ from .results import Predictions, StageResult, group_keys
 from .protocols import Repeat, plan_repeats, resolve_protocol, splits_from_file, summarise_repeats
 from .rundir import (RunLock, choose_run_dir, environment, load_weights, save_weights_atomic, write_bytes_atomic,
                      write_json_atomic, write_text_atomic)
+from .stream import load_images
 from .train import Interrupted, TensorData, fit, predict_proba
 
 
@@ -191,16 +194,20 @@ class _StageRunner:
     def _images(self, cfg: StageConfig) -> torch.Tensor:
         k = _domain_cache_key(cfg)
         if k not in self._tensors:
-            dom = self.domains[k]
-            self._tensors = {k: prepare_images(dom.images, size=self.config.input.size,
-                                               channels=self.config.input.channels).to(self.device)}
+            dom, run = self.domains[k], self.config.run
+            # resident on the device when it fits [run] device_memory_budget_gb, else streamed (mltl.stream)
+            self._tensors = {k: load_images(dom.images, size=self.config.input.size,
+                                            channels=self.config.input.channels, device=self.device,
+                                            device_budget_gb=run.device_memory_budget_gb,
+                                            host_budget_gb=run.host_memory_budget_gb)}
         return self._tensors[k]
 
     def run(self, index: int, stage: Stage) -> StageResult:
         config = self.config
         key = _stage_key(config, index)
         stage_dir = self.run_dir / stage.name
-        stage_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_writer():  # under torchrun only rank 0 writes the run directory
+            stage_dir.mkdir(parents=True, exist_ok=True)
         call(self.reporters, "stage_started", stage_name=stage.name, stage_dir=stage_dir)
         emit("mltl_stage_started", stage_name=stage.name, stage_dir=stage_dir)
         if self.resume and (stage_dir / "metrics.json").is_file():
@@ -236,6 +243,7 @@ class _StageRunner:
                 test_pred, test_metrics = self._test(best)
                 self._write(stage, rdir, best, candidates, test_pred, test_metrics, repeat=rep.row())
                 del best
+            distributed.barrier()  # under torchrun: rank 0 has written what every rank reads next
             m = json.loads((rdir / "metrics.json").read_text())
             rows.append({**rep.row(), "seed": seed + rep.seed_offset, "n_train": m["n_images"]["train"],
                          "n_test": m["n_test"], "auc_macro": m["auc_macro"], "accuracy": m["accuracy"],
@@ -254,6 +262,7 @@ class _StageRunner:
         metrics = json.loads((rep_dir / "metrics.json").read_text())
         metrics["protocol"] = summary
         write_json_atomic(stage_dir / "metrics.json", metrics)  # last: marks the stage finished
+        distributed.barrier()
         return self._reuse(stage, stage_dir)
 
     def _split(self, domain: Domain, cfg: StageConfig, rep: Repeat, where: str) -> dict[str, np.ndarray]:
@@ -287,7 +296,8 @@ class _StageRunner:
             domain = self.domains[_domain_cache_key(cfg)]
             splits = split_of(domain, cfg)
             vdir = base / "variants" / _safe(label) if sweeping else base
-            vdir.mkdir(parents=True, exist_ok=True)
+            if distributed.is_writer():
+                vdir.mkdir(parents=True, exist_ok=True)
             _write_splits(vdir / "splits.csv", domain, splits, check=self.resume)
             x = self._images(cfg)
             y = torch.from_numpy(domain.labels).to(self.device)
@@ -358,7 +368,8 @@ class _StageRunner:
             # written last: its presence marks the variant finished, for --resume
             write_json_atomic(vdir / "variant.json", {"candidate": cand, "start": start, "note": note,
                                                       "config": attrs.asdict(cfg)})
-            (vdir / "checkpoint.pt").unlink(missing_ok=True)
+            if distributed.is_writer():
+                (vdir / "checkpoint.pt").unlink(missing_ok=True)
             if best is None or is_better(value, best["cand"]["selection_value"], stage.select_by):
                 net.to("cpu")
                 best = {"cand": cand, "net": net, "cfg": cfg, "domain": domain, "splits": splits,
@@ -595,7 +606,8 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
     elif overrides:
         raise ValueError("overrides apply to a config file path; pass a path, or apply them with load_config")
     registry = get_registry()
-    dev = resolve_device(device or config.run.device)
+    # under torchrun: join the process group, this rank's device (docs/performance.md, mltl.distributed)
+    dev = distributed.setup(device or config.run.device) or resolve_device(device or config.run.device)
     validate(config, registry)
     domains = load_domains(config, registry)
     from .datacheck import audit_leakage  # duplicates across splits / stages stop the run (docs/data-check.md)
@@ -605,11 +617,18 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
         resolve_protocol(stage.first.split, last=i == len(config.stages) - 1,
                          domain=domains[_domain_cache_key(stage.first)], key=f"{_stage_key(config, i)}.split",
                          source=config.source)
-    reporters = [ConsoleReporter()] + make_reporters(config, registry)
+    # under torchrun only rank 0 reports, chooses and locks the run directory; the others get its path
+    reporters = [ConsoleReporter()] + make_reporters(config, registry) if distributed.is_writer() else []
     out = str(out) if out is not None else config.run.out
-    run_dir = _resume_dir(config, out) if resume else choose_run_dir(out, config.run.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir), _StopOnSignal():
+    with contextlib.ExitStack() as stack:
+        def claim() -> Path:
+            path = _resume_dir(config, out) if resume else choose_run_dir(out, config.run.name)
+            path.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(RunLock(path))
+            return path
+
+        run_dir = distributed.on_rank0(claim)
+        stack.enter_context(_StopOnSignal())
         return _run_locked(config, registry, dev, domains, reporters, run_dir, resume)
 
 

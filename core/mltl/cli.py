@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .console import make_console
 from .errors import UserError
 
 EPILOG_RUN = """examples:
@@ -65,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("config")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    rk = sub.add_parser("rank", help="rank trained stages as starting points for a target, without training (LogME)",
+                        epilog="examples:\n  mltl rank examples/rare_kidney.toml runs/rare-kidney\n"
+                               "  mltl rank examples/rare_kidney.toml runs/a/source runs/b/intermediate --stage target\n"
+                               "see docs/rank.md", formatter_class=argparse.RawDescriptionHelpFormatter)
+    rk.add_argument("config", help="the config whose stage (default: the last) supplies the target's training split")
+    rk.add_argument("candidates", nargs="+", help="model.safetensors files, stage directories or run directories")
+    rk.add_argument("--stage", help="the target stage of CONFIG (default: its last stage)")
+    rk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rk.add_argument("--features", default="classifier-input", choices=("classifier-input", "trunk"),
+                    help="the classifier's input (default) or the trunk output")
+    rk.add_argument("--device", default="cpu")
+    rk.add_argument("--json", help="also write the ranking to this JSON file")
 
     sub.add_parser("plugins", help="list installed plugins, their distributions and what they provide",
                    epilog="example:\n  MLTL_LOAD_PLUGINS=mltl-gfe mltl plugins",
@@ -137,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        commands = {"run": _run, "compare": _compare, "predict": _predict, "validate": _validate, "plugins": _plugins,
+        commands = {"rank": _rank, "run": _run, "compare": _compare, "predict": _predict, "validate": _validate, "plugins": _plugins,
                     "export": _export, "new-plugin": _new_plugin, "report": _report, "data": _data}
         return commands[args.command](args)
     except UserError as exc:
@@ -173,7 +187,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"mltl: {exc}; continue with: mltl run {args.config} --resume"
               + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
         return 130
-    print(result.run_dir)
+    from .distributed import is_writer
+
+    if is_writer():  # under torchrun: rank 0 only
+        print(result.run_dir)
     return 0
 
 
@@ -188,7 +205,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from .chain import resolve_device
@@ -204,7 +220,7 @@ def _predict(args: argparse.Namespace) -> int:
         table.add_column(col)
     for path, p in rows[:50]:
         table.add_row(str(path), stage.classes[int(p.argmax())], *(f"{v:.3f}" for v in p))
-    Console().print(table)
+    make_console().print(table)
     if len(rows) > 50:
         print(f"... {len(rows) - 50} more" + (f" in {args.csv}" if args.csv else "; use --csv to keep them all"))
     return 0
@@ -229,7 +245,7 @@ def _data(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
-        render(report)
+        render(report, make_console())
     return 0 if report["ok"] else 1
 
 
@@ -247,8 +263,30 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .chain import resolve_device
+    from .config import load_config
+    from .rank import rank, ranking_json
+    from .rundir import write_text_atomic
+
+    config = load_config(args.config, args.overrides)
+    rows, info = rank(config, args.candidates, stage=args.stage, device=str(resolve_device(args.device)),
+                      features=args.features)
+    table = Table(title=f"LogME on {info['stage']} ({info['domain']}): {info['images']} training images, "
+                        f"{len(info['classes'])} classes, features = {info['features']}; higher is better")
+    for col in ("rank", "candidate", "backbone", "features", "LogME"):
+        table.add_column(col)
+    for i, r in enumerate(rows, start=1):
+        table.add_row(str(i), r.name, r.backbone, str(r.feature_dim), f"{r.score:.4f}")
+    make_console(min_width=120).print(table)
+    if args.json:
+        write_text_atomic(Path(args.json), ranking_json(rows, info))
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from .plugins import get_registry, plugin_infos
@@ -264,7 +302,7 @@ def _plugins(args: argparse.Namespace) -> int:
     for info in plugin_infos():
         table.add_row(info.name, info.distribution or "-", info.version or "-",
                       "\n".join(provides.get(info.name, [])) or "-", "\n".join(info.hooks))
-    Console(width=max(120, Console().width)).print(table)
+    make_console(min_width=120).print(table)
     return 0
 
 

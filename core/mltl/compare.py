@@ -36,6 +36,8 @@ from .stats import delong_test, paired_bootstrap
 
 @attrs.frozen(eq=False)
 class Comparison:
+    """What :func:`compare` wrote (``out``, with ``comparison.md``) and its table, one row per chain."""
+
     out: Path
     rows: tuple[dict[str, Any], ...]
 
@@ -84,6 +86,12 @@ def chains(config: Config) -> dict[str, dict[str, Any]]:
 
 def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None,
             device: str | None = None, n_resamples: int = 1000) -> Comparison:
+    """The config's target trained from scratch, single-stage and multi-stage, compared on the same test images.
+
+    Runs the three chains into ``out`` (default ``runs/<name>-compare[-N]``) and writes ``comparison.md``:
+    each chain's test AUC with bootstrap confidence intervals (``n_resamples``) and paired tests against
+    the multi-stage chain.
+    """
     from .chain import run
 
     if not isinstance(config, Config):

@@ -28,7 +28,7 @@ patient ids, and on the CT phantom the demos generate):
    (coefficient above the median of the 63 non-DC ones). Hamming distances of all pairs are computed with
    XOR and popcount on packed ``uint64`` (1,914 images: 3.7 M pairs in well under a second). On ct_kidney
    no pair of images from two different classes (surely two different scans) is within 2 bits, 1 of
-   1.37 M such pairs is within 4 and 423 within 8, while same-class pairs within 8 bits number 31,000.
+   1.37 M such pairs is within 4 and 424 within 8, while same-class pairs within 8 bits number 31,668.
    So the hash alone is not enough: it sees only the coarse layout, and CT slices at the same level of two
    patients share it (the phantom's slices, all one synthetic anatomy, do even more: hundreds of pairs of
    different phantom images are within 4 bits).

@@ -1,8 +1,9 @@
-"""Generate the config reference (docs/config.md) from the config classes, so it cannot drift.
+"""Generate the references in docs/ from the code, so they cannot drift.
 
-    python -m mltl.docgen > docs/config.md
+    python -m mltl.docgen > docs/config.md          # the config reference, from the config classes
+    python -m mltl.docgen hooks > docs/hooks.md     # the hook reference, from mltl/hookspecs.py
 
-A test compares the file with this output.
+Tests compare the files with this output.
 """
 
 from __future__ import annotations
@@ -77,5 +78,89 @@ def render() -> str:
     return "\n".join(out)
 
 
+HOOKS_INTRO = """# Hook reference
+
+Generated from the docstrings in `core/mltl/hookspecs.py` by `python -m mltl.docgen hooks > docs/hooks.md`;
+a test fails when this file is out of date. How to write and package a plugin: [plugins.md](plugins.md).
+"""
+
+
+def _dedent_doc(obj: typing.Any) -> str:
+    import inspect
+
+    return inspect.cleandoc(obj.__doc__ or "")
+
+
+def _rst_to_md(text: str) -> str:
+    """The little reStructuredText the hookspecs use: ``code`` and :role:`name`, ``::`` code blocks."""
+    import re
+
+    text = re.sub(r":(?:class|func|data|mod|meth|attr):`~?([^`]+)`", r"`\1`", text)
+    text = text.replace("``", "`")
+    out, code = [], False
+    for line in text.split("\n"):
+        if code and line and not line.startswith("    "):
+            while out and not out[-1].strip():
+                out.pop()
+            out.append("```")
+            out.append("")
+            code = False
+        if line.endswith("::") and not code:
+            out.append(line[:-1] if not line.endswith(" ::") else line[:-3])
+            out.append("")
+            out.append("```python")
+            code = True
+            continue
+        out.append(line[4:] if code and line.startswith("    ") else line)
+    if code:
+        while out and not out[-1].strip():
+            out.pop()
+        out.append("```")
+    text = "\n".join(out)
+    return re.sub(r"```python\n\n+", "```python\n", text)
+
+
+def render_hooks() -> str:
+    """docs/hooks.md: the module's overview, then every hook's signature, kind and docstring."""
+    import inspect
+
+    from . import hookspecs
+
+    out = [HOOKS_INTRO, "## Overview\n", _rst_to_md(_dedent_doc(hookspecs)), ""]
+    specs = [(name, fn) for name, fn in vars(hookspecs).items()
+             if inspect.isfunction(fn) and hasattr(fn, "mltl_spec")]
+    specs.sort(key=lambda item: inspect.getsourcelines(item[1])[1])  # in the order of the module
+    out.append("## Hooks\n")
+    out.append("| hook | called |\n|---|---|")
+    for name, fn in specs:
+        when = "once, when the registry is built" if name.startswith("register_") else "during a run, in every plugin"
+        out.append(f"| [`{name}`](#{name}) | {when} |")
+    out.append("")
+    for name, fn in specs:
+        params = ", ".join(inspect.signature(fn).parameters)
+        opts = getattr(fn, "mltl_spec", {}) or {}
+        flags = [k for k in ("firstresult", "historic") if opts.get(k)]
+        out.append(f"### {name}\n")
+        out.append("```python\n@mltl.hookimpl\ndef " + f"{name}({params}): ...\n```\n")
+        if flags:
+            out.append("Options: " + ", ".join(f"`{f}`" for f in flags) + ".\n")
+        out.append(_rst_to_md(_dedent_doc(fn)) + "\n")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args in ([], ["config"]):
+        print(render(), end="")
+    elif args == ["hooks"]:
+        print(render_hooks(), end="")
+    else:
+        print("usage: python -m mltl.docgen [config|hooks] > docs/FILE.md", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    print(render(), end="")
+    raise SystemExit(main())

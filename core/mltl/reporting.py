@@ -52,12 +52,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
 class ConsoleReporter:
     """Progress on stderr: rich progress bars on a terminal, a plain line every few epochs otherwise.
 
-    Quiet when ``MLTL_QUIET`` is set (the CLI's ``-q``); ``NO_COLOR`` is honoured by rich.
+    Quiet when ``MLTL_QUIET`` is set (the CLI's ``-q``); with ``NO_COLOR`` set, plain lines as into a pipe.
     """
 
     def __init__(self) -> None:
         self.quiet = bool(os.environ.get("MLTL_QUIET"))
-        self.live = sys.stderr.isatty() and not self.quiet
+        # live bars need cursor-control escape codes: not under NO_COLOR, nor into a pipe or file
+        self.live = sys.stderr.isatty() and not self.quiet and not os.environ.get("NO_COLOR")
         self._progress = None
         self._tasks: dict[str, Any] = {}
 
@@ -70,9 +71,11 @@ class ConsoleReporter:
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+            from .console import make_console
+
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                                      transient=False)
+                                      transient=False, console=make_console(stderr=True))  # stderr, like the lines
             self._progress.start()
             self._tasks = {}
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as _distributed
 from .errors import UserError
 
 _UMASK = os.umask(0)
@@ -27,6 +28,8 @@ os.umask(_UMASK)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
+    if not _distributed.is_writer():  # under torchrun only rank 0 writes (mltl.distributed)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -181,13 +181,13 @@ def load_images(images: np.ndarray, *, size: int, channels: int, device: torch.d
     if need <= dev_budget:
         out = torch.empty((len(images), channels, size, size), dtype=torch.uint8, device=device)
         for i in range(0, len(images), CHUNK):
-            out[i:i + CHUNK] = prepare_images(images[i:i + CHUNK], size=size, channels=channels).to(device)
+            out[i:i + CHUNK] = prepare_images(np.array(images[i:i + CHUNK]), size=size, channels=channels).to(device)
         return out
     rows = np.arange(len(images))
     if device.type != "cpu" and need <= host_budget:
         host = torch.empty((len(images), channels, size, size), dtype=torch.uint8)
         for i in range(0, len(images), CHUNK):
-            host[i:i + CHUNK] = prepare_images(images[i:i + CHUNK], size=size, channels=channels)
+            host[i:i + CHUNK] = prepare_images(np.array(images[i:i + CHUNK]), size=size, channels=channels)
         log.info("streaming %d images (%.2f GB prepared) from host memory: over the device budget of %.2f GB",
                  len(images), need / 2**30, dev_budget / 2**30)
         return HostImages(host, rows, size=size, channels=channels, device=device, prepared=True)

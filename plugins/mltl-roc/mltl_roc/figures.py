@@ -196,6 +196,7 @@ def plot_learning_curve(repeats_rows: Sequence[Mapping[str, Any]], path: Path,
     ax.set_xticks(fractions)
     ax.set_xticklabels([f"{f:g}%" for f in fractions])
     ax.minorticks_off()
+    ax.margins(x=0.08)
     for f, s in zip(fractions, summary):
         if math.isfinite(s["auc_mean"]):
             label = f"{s['auc_mean']:.2f}" + (f" ± {s['auc_sd']:.2f}" if math.isfinite(s["auc_sd"]) else "")

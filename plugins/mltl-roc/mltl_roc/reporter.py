@@ -1,4 +1,6 @@
-"""The ROC reporter: per-stage ROC figure and numbers, and one figure comparing the stages.
+"""The reporters of mltl-roc: ``roc`` (below), ``evaluation``, ``gradcam`` and ``metrics-log`` (further down).
+
+The ROC reporter: per-stage ROC figure and numbers, and one figure comparing the stages.
 
 Files written:
 

@@ -45,17 +45,28 @@ def _import_timm():
     return timm
 
 
-def _check_weights_file(path: str, model: str) -> Path:
+def _weights_keys(path: str, model: str) -> tuple[Path, set[str]]:
+    """The file and the tensor names in it; a pickle that would run code is refused before timm sees it."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f'timm {model}: weights file "{path}" not found (resolved to {file.resolve()}); '
                         f"point backbone.weights at a local .safetensors or .pth file")
-    if file.suffix != ".safetensors":  # refuse a pickle that would run code before timm sees it
-        try:
-            torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"timm {model}: cannot load weights from {file}: {str(exc).splitlines()[0]}") from None
-    return file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                return file, set(f.keys())
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model", "state_dict_ema"):  # training checkpoints wrap the weights
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+        return file, {k.removeprefix("module.") for k in state}
+    except Exception as exc:
+        raise UserError(f"timm {model}: cannot load weights from {file}: {str(exc).splitlines()[0]}") from None
 
 
 def layer_groups(module: nn.Module, matcher) -> dict[str, tuple[str, ...]]:
@@ -108,14 +119,17 @@ def timm_backbone(*, model: str, in_chans: int, image_size: int, weights: str | 
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if weights:
-        file = _check_weights_file(weights, model)
+        file, keys = _weights_keys(weights, model)
         try:
             net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
-        except UserError:
-            raise
         except Exception as exc:
             raise UserError(f"timm {model}: cannot load weights from {file}: {str(exc).splitlines()[0]} "
                             f"(is it a checkpoint of {model}?)") from None
+        # timm loads leniently (it adapts the classifier); a checkpoint of another model must not pass silently
+        missing = sorted(k for k in net.state_dict() if k not in keys and not k.endswith("num_batches_tracked"))
+        if missing:
+            raise UserError(f"timm {model}: cannot load weights from {file}: it lacks {len(missing)} of the model's "
+                            f"tensors ({', '.join(missing[:3])}, ...); is it a checkpoint of {model}?")
     elif pretrained:
         if not allow_download:
             raise UserError(f"timm {model}: pretrained = true would download the weights from the internet; "
