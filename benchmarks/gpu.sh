@@ -11,15 +11,18 @@
 # ResNet-18 224 px, batch 64, 3 channels), chain.jsonl (benchmarks/chain_time.py: the demo chain and the
 # paper-scale projection) and log.txt (everything printed). The GPU machine has no internet and no
 # ../shared/data, so the image folder is generated from the CT phantom (3 classes x 300 PNGs, 256x256).
+# Also compile.jsonl (train.compile = true against eager: the mltl and bare loops, GFE-II 150 px) and, only
+# when the machine has more than one GPU, ddp.jsonl (benchmarks/ddp_scaling.py: one process against
+# torchrun --nproc-per-node <GPUs>, same global batch).
 # Knobs (environment): PYTHON (default python3), SKIP_TESTS=1, TP_EPOCHS (measured epochs, default 10),
-# PER_CLASS (default 300).
+# PER_CLASS (default 300), SKIP_COMPILE=1, SKIP_DDP=1.
 set -euo pipefail
 
 DRY=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --cpu-dry-run or nothing)" >&2; exit 2 ;;
   esac
 done
@@ -40,6 +43,8 @@ if [ "$DRY" = 1 ]; then
   CHAIN_ARGS=(--quick)
   PER_CLASS="${PER_CLASS:-24}"
   TP_TIMEOUT=400; CHAIN_TIMEOUT=300
+  COMPILE_ARGS=(--quick --epochs 2 --channels 3 --backbones gfe-2:64:64); COMPILE_TIMEOUT=300
+  DDP_ARGS=(--device cpu --nproc 2 --images 200 --size 64 --epochs 3 --batch 32); DDP_TIMEOUT=300
 else
   DEVICE=cuda
   TP_ARGS=(--epochs "${TP_EPOCHS:-10}" --channels 3
@@ -47,6 +52,8 @@ else
   CHAIN_ARGS=()
   PER_CLASS="${PER_CLASS:-300}"
   TP_TIMEOUT=270; CHAIN_TIMEOUT=180
+  COMPILE_ARGS=(--epochs 4 --channels 3 --backbones gfe-2:150:64); COMPILE_TIMEOUT=180
+  DDP_ARGS=(--device cuda); DDP_TIMEOUT=240
 fi
 
 step() { echo; echo "== $(date -u +%H:%M:%S) $*"; }
@@ -133,12 +140,30 @@ run_step "$OUT/throughput.jsonl" "$TP_TIMEOUT" \
 step "chain_time.py --device $DEVICE ${CHAIN_ARGS[*]} -> $OUT/chain.jsonl"
 run_step "$OUT/chain.jsonl" "$CHAIN_TIMEOUT" "$PY" benchmarks/chain_time.py --device "$DEVICE" "${CHAIN_ARGS[@]}"
 
+if [ "${SKIP_COMPILE:-0}" != 1 ]; then
+  step "train_throughput.py --compile --loops bare,mltl ${COMPILE_ARGS[*]} -> $OUT/compile.jsonl"
+  run_step "$OUT/compile.jsonl" "$COMPILE_TIMEOUT" \
+    "$PY" benchmarks/train_throughput.py --device "$DEVICE" --data "$DATA" --loops bare,mltl --compile "${COMPILE_ARGS[@]}"
+fi
+
+NGPU=0
+if [ "$DRY" = 0 ]; then NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+if [ "${SKIP_DDP:-0}" = 1 ]; then
+  echo "ddp: skipped (SKIP_DDP=1)"
+elif [ "$DRY" = 1 ] || [ "$NGPU" -gt 1 ]; then
+  NP=$([ "$DRY" = 1 ] && echo 2 || echo "$NGPU")
+  step "ddp_scaling.py --nproc $NP ${DDP_ARGS[*]} -> $OUT/ddp.jsonl"
+  run_step "$OUT/ddp.jsonl" "$DDP_TIMEOUT" "$PY" benchmarks/ddp_scaling.py --nproc "$NP" "${DDP_ARGS[@]}"
+else
+  echo "ddp: skipped ($NGPU GPU on this machine; the torchrun comparison needs 2 or more)"
+fi
+
 step "summary"
 "$PY" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("throughput.jsonl", "chain.jsonl"):
+for name in ("throughput.jsonl", "chain.jsonl", "compile.jsonl", "ddp.jsonl"):
     path = out / name
     lines = [ln for ln in path.read_text().splitlines() if ln.startswith("{")] if path.exists() else []
     if not lines:
@@ -147,7 +172,8 @@ for name in ("throughput.jsonl", "chain.jsonl"):
     s = json.loads(lines[-1])
     keep = {k: s[k] for k in ("vs_bare", "vs_imagefolder", "vs_bare_train_only", "vs_bare_best", "vs_imagefolder_best",
                               "per_backbone", "demo_total_seconds",
-                              "demo_stage_seconds", "projected_hours", "projected_total_hours", "device_name")
+                              "demo_stage_seconds", "projected_hours", "projected_total_hours", "device_name",
+                              "speedup", "images_per_s", "processes")
             if k in s}
     print(name, json.dumps(keep, indent=1))
 EOF

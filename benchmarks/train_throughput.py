@@ -31,6 +31,8 @@ measurement on stdout; the last line is the summary with the ratios ``vs_bare`` 
     python benchmarks/train_throughput.py --quick --threads 1     # steadier on a CPU shared with other jobs
     python benchmarks/train_throughput.py --device cuda           # GFE-II 150 px + ResNet-18 224 px
     python benchmarks/train_throughput.py --backbones gfe-2:150:64,resnet18:224:64 --epochs 5
+    python benchmarks/train_throughput.py --quick --threads 1 --loops bare,mltl --compile     # torch.compile on
+    python benchmarks/train_throughput.py --quick --threads 1 --loops bare,mltl --augment hflip,rotate:10,crop:0.8
 """
 
 from __future__ import annotations
@@ -147,8 +149,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         net, info = _build_model(spec, classes, for_mltl=True)
         extra.update(info)
         net.to(dev)
+        extra_cfg: dict[str, Any] = {}
+        if spec.get("compile"):  # --compile: train.compile = true (the warm-up epoch pays the compilation)
+            extra_cfg["compile"] = True
         cfg = TrainConfig(epochs=n_epochs, batch_size=bs, optimizer="sgd", lr=0.01, momentum=0.9,
-                          weight_decay=0.0, schedule="constant", monitor="loss", augment=())
+                          weight_decay=0.0, schedule="constant", monitor="loss",
+                          augment=tuple(spec.get("augment") or ()), **extra_cfg)
+        extra["train_compile"] = bool(spec.get("compile"))
+        extra["train_augment"] = list(cfg.augment)
         inp = InputConfig(size=size, channels=chans, mean=MEAN, std=STD)
         import inspect
         import tempfile
@@ -424,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
                                                 "on a CPU shared with other jobs, 1 can be much faster)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="GFE-II at 64x64 only, 64 images per class (about 2 minutes on 2 CPU cores)")
+    ap.add_argument("--compile", action="store_true",
+                    help="mltl loop: train.compile = true (torch.compile; the warm-up epoch pays the compilation)")
+    ap.add_argument("--augment", default="",
+                    help="mltl loop only: train.augment items, comma-separated (e.g. hflip,rotate:10,crop:0.8,"
+                         "intensity:0.1): measures the augmentation's cost, so the ratios are then not like for like")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -458,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     bc.emit({"kind": "config", "data": str(root), "data_source": how, "n_images": len(rel),
              "backbones": [f"{b}@{s}px/b{bs}" for b, s, bs in backbones], "loops": loops, "epochs": epochs,
              "warmup": args.warmup, "val_frac": args.val_frac, "checkpoint_seconds": ckpt_s,
-             "malloc_tune": args.malloc_tune,
+             "malloc_tune": args.malloc_tune, "mltl_compile": args.compile, "mltl_augment": args.augment,
              "channels": args.channels, "num_workers": workers, **bc.env_info(dev)})
 
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -468,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = [{"loop": lp, "backbone": name, "size": size, "batch": batch, "channels": args.channels,
                   "device": str(dev), "data": str(root), "val_frac": args.val_frac, "seed": args.seed,
                   "epochs": epochs, "warmup": args.warmup, "workers": workers, "threads": args.threads,
-                  "checkpoint_seconds": ckpt_s, "malloc_tune": args.malloc_tune}
+                  "checkpoint_seconds": ckpt_s, "malloc_tune": args.malloc_tune, "compile": args.compile,
+                  "augment": [a for a in args.augment.split(",") if a]}
                  for lp in loops]
         for res in run_interleaved(specs):
             res["kind"] = "measurement"

@@ -30,7 +30,7 @@ name = "target"
 domain = { plugin = "ct-phantom", classes = ["normal", "caroli-focal", "caroli-diffuse"], images_per_class = 10, seed = 23 }
 backbone = "gfe-2"
 head = { dense = [16], dropout = 0.5 }
-split = { val = 0.3, test = 0.3 }
+split = { val = 0.3, test = 0.3, protocol = "holdout" }  # one model made every test prediction
 train = { epochs = 2, batch_size = 8, optimizer = "adamw", lr = 0.001 }
 """
 
@@ -180,7 +180,7 @@ size = 24
 name = "only"
 domain = {{ plugin = "npy-scans", root = "{tmp_path.as_posix()}", level = 200.0 }}
 backbone = "gfe-1"
-split = {{ val = 0.25, test = 0.25 }}
+split = {{ val = 0.25, test = 0.25, protocol = "holdout" }}
 train = {{ epochs = 1, batch_size = 8 }}
 """)
     result = mltl.run(tmp_path / "c.toml", out=tmp_path / "run", device="cpu")

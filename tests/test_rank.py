@@ -74,6 +74,7 @@ name = "target"
 init = "source"
 domain = { plugin = "ct-phantom", classes = ["normal", "cyst", "calculi"], images_per_class = 12, seed = 11 }
 head = { dense = [16] }
+split = { protocol = "holdout" }
 train = { epochs = 4, batch_size = 12, optimizer = "adamw", lr = 0.003 }
 """
 

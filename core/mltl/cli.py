@@ -281,6 +281,9 @@ def _rank(args: argparse.Namespace) -> int:
     for i, r in enumerate(rows, start=1):
         table.add_row(str(i), r.name, r.backbone, str(r.feature_dim), f"{r.score:.4f}")
     make_console(min_width=120).print(table)
+    if info["protocol"] != "holdout":
+        print(f"note: stage {info['stage']} is evaluated with protocol {info['protocol']}: its test folds include "
+              f"these training images, so this choice reads test labels; see docs/rank.md")
     if args.json:
         write_text_atomic(Path(args.json), ranking_json(rows, info))
     return 0

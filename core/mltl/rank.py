@@ -127,10 +127,12 @@ def find_candidates(paths: list[str]) -> list[tuple[str, Path]]:
                             f"with finished stages)")
         for d in stage_dirs:
             out.append((str(d), d / "model.safetensors"))
+            selected = (d / "model.safetensors").read_bytes()
             variants = d / "variants"
             if variants.is_dir():
                 for v in sorted(variants.iterdir()):
-                    if (v / "model.safetensors").is_file():
+                    # every variant but the selected one (whose weights the stage directory already holds)
+                    if (v / "model.safetensors").is_file() and (v / "model.safetensors").read_bytes() != selected:
                         out.append((str(v), v / "model.safetensors"))
     return out
 

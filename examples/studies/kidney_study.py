@@ -49,10 +49,12 @@ train = {{ epochs = {source_epochs}, batch_size = 64, optimizer = "adamw", lr = 
 [[stages]]
 name = "intermediate"
 init = "source"
-domain = {{ plugin = "csv-manifest", csv = "{inter_csv}", group_column = "group" }}
+# no group column: the intermediate classes keep too few near-duplicate groups (Normal: 2) for a grouped
+# split, so this stage's own validation and test are leaky (optimistic); only its freeze choice uses them
+domain = {{ plugin = "csv-manifest", csv = "{inter_csv}" }}
 head = {{ dense = [256, 128], dropout = 0.5 }}
 freeze = {freeze}
-split = {{ protocol = "holdout", val = 0.15, test = 0.15 }}
+split = {{ protocol = "holdout", val = 0.15, test = 0.15, allow_leakage = true }}
 train = {{ epochs = {inter_epochs}, batch_size = 32, optimizer = "adamw", lr = 0.001, augment = ["hflip"] }}
 
 [[stages]]
@@ -60,8 +62,7 @@ name = "target"
 init = "intermediate"
 domain = {{ plugin = "csv-manifest", csv = "{target_csv}", group_column = "group" }}
 split = {{ protocol = "kfold", folds = 3, val = 0.25 }}
-train = {{ epochs = {target_epochs}, batch_size = 16, optimizer = "adamw", lr = 0.0005, augment = ["hflip"],
-          monitor = "auc" }}
+train = {{ epochs = {target_epochs}, batch_size = 16, optimizer = "adamw", lr = 0.0005, augment = ["hflip"], monitor = "auc" }}
 """
 
 
@@ -126,7 +127,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/study-kidney")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--per-class", type=int, default=40)
-    ap.add_argument("--groups-per-class", type=int, default=6,
+    ap.add_argument("--groups-per-class", type=int, default=3,
                     help="near-duplicate groups (in effect, scans) per target class")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--backbone", default='{ sweep = ["gfe-1", "gfe-2"] }')
