@@ -1,3 +1,4 @@
+import csv
 import json
 
 import numpy as np
@@ -37,3 +38,25 @@ def test_compare_runs_three_chains_on_the_same_test_images(tmp_path, tiny_config
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| scratch | target |" in table and "| multi-stage | source -> intermediate -> target |" in table
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["reference"] == "multi-stage"
+
+
+@pytest.mark.slow
+def test_compare_with_a_kfold_target_judges_pooled_out_of_fold_predictions(tmp_path, tiny_config):
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    result = compare(tiny_config("C1"), overrides=["stages.target.split.protocol=kfold", "stages.target.split.folds=3"],
+                     out=tmp_path / "cmp", device="cpu", n_resamples=50)
+    for r in result.rows:
+        assert r["evaluated_on"] == "out-of-fold test" and r["n_test"] == 36  # every target image once
+        assert r["repeats"]["protocol"] == "kfold" and r["repeats"]["n"] == 3
+        with open(f"{r['run_dir']}/target/oof_predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        classes = ("normal", "caroli-focal", "caroli-diffuse")
+        y = np.array([classes.index(x["label"]) for x in rows])
+        p = np.array([[float(x[f"p_{c}"]) for c in classes] for x in rows])
+        assert r["auc_macro"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-9)
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "(3 kfold)" in table and "![target ROC curves of every chain](roc_chains.png)" in table
+    with Image.open(tmp_path / "cmp" / "roc_chains.png") as im:
+        assert im.size[0] > 300

@@ -132,10 +132,30 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
                 row["p_vs_" + reference] = boot["p"]
                 row["test"] = "paired bootstrap of the macro-AUC difference"
         rows.append(row)
-    write_json_atomic(out_dir / "comparison.json", {"reference": reference, "rows": rows,
+    figure = _roc_figure(out_dir, {name: _evaluated(r.stages[-1]) for name, r in results.items()}, rows)
+    write_json_atomic(out_dir / "comparison.json", {"reference": reference, "rows": rows, "figure": figure,
                                                     "n_resamples": n_resamples, "seed": config.run.seed})
-    write_text_atomic(out_dir / "comparison.md", render(rows, reference))
+    write_text_atomic(out_dir / "comparison.md", render(rows, reference, figure))
     return Comparison(out=out_dir, rows=tuple(rows))
+
+
+def _roc_figure(out_dir: Path, evaluated: dict[str, Predictions], rows: list[dict[str, Any]]) -> str | None:
+    """``roc_chains.png``: every chain's macro ROC curve on one plot (the paper's Figs. 5 and 6), with its
+    AUC and 95% CI in the legend; None when the mltl-roc plugin is not installed."""
+    try:
+        from mltl_roc.roc import plot_roc, roc_curves
+    except ImportError:
+        return None
+    curves = []
+    for row in rows:
+        pred = evaluated[row["chain"]]
+        lo, hi = row["auc_ci95"]
+        macro = roc_curves(pred.labels, pred.probs, pred.classes)["macro"]
+        curves.append((f"{row['chain']}: AUC {{auc:.3f}} [{lo:.3f}, {hi:.3f}]", {"macro": macro}))
+    some = next(iter(evaluated.values()))
+    plot_roc(curves, out_dir / "roc_chains.png",
+             f"Target ROC by chain (macro over {len(some.classes)} classes, n={len(some)} {some.split})")
+    return "roc_chains.png"
 
 
 def _evaluated(stage: StageResult) -> Predictions:
@@ -166,7 +186,7 @@ def _train_seconds(stage: StageResult) -> float:
     return float(proto["train_seconds_total"]) if proto else float(stage.metrics["train_seconds"])
 
 
-def render(rows: list[dict[str, Any]], reference: str) -> str:
+def render(rows: list[dict[str, Any]], reference: str, figure: str | None = None) -> str:
     lines = [f"# Chain comparison (same target test split; p against {reference})", "",
              "| chain | stages | train images per stage | classes | test AUC (95% CI) | AUC mean +/- SD over "
              f"repeats | accuracy | n test | p vs {reference} | training time (s) |",
@@ -188,6 +208,8 @@ def render(rows: list[dict[str, Any]], reference: str) -> str:
               "predicted by the fold model that did not train on it). Each chain selects its variants on "
               "validation data only; the test images are the same for every chain. Training images per stage "
               "are those of the representative repeat; training time sums every repeat.", ""]
+    if figure:
+        lines += [f"![target ROC curves of every chain]({figure})", ""]
     return "\n".join(lines)
 
 
