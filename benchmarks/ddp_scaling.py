@@ -7,7 +7,8 @@ both with ``--device`` as given (``cuda``: NCCL, one GPU per process; ``cpu``: g
 the same (``train.batch_size``), so the two runs train the same model (tests/test_ddp.py checks that);
 only the time differs. Per-epoch wall times come from each run's ``history.json``; the first epoch (CUDA
 start-up, DDP's first all-reduce buckets) is left out of the median. Prints one JSON line per run and a
-summary line with the speed-up ``speedup = t_1 / t_N`` per epoch (ideal: N).
+summary line with the speed-up ``speedup = t_1 / t_N`` per epoch (ideal: N). On the CPU every process runs
+one intra-op thread (1 core against N cores); that rehearses the script, it is not a scaling result.
 
     python benchmarks/ddp_scaling.py --nproc 2 --device cuda                      # a machine with 2+ GPUs
     python benchmarks/ddp_scaling.py --nproc 2 --device cpu --images 240 --size 64 --epochs 3   # CPU rehearsal
@@ -48,8 +49,10 @@ train = {{ epochs = {epochs}, batch_size = {batch}, optimizer = "sgd", lr = 0.01
 """
 
 
-def _run(cmd: list[str], out: Path, timeout: float) -> dict:
+def _run(cmd: list[str], out: Path, timeout: float, threads: int | None) -> dict:
     env = {**os.environ, "MLTL_QUIET": "1"}
+    if threads:  # on the CPU: every process (torchrun's workers too) gets this many intra-op threads
+        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, env=env, timeout=timeout)
     wall = time.perf_counter() - t0
@@ -92,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     bc.emit({"kind": "config", "nproc": args.nproc, "backbone": args.backbone, "size": args.size,
              "images": args.images, "epochs": args.epochs, "global_batch": args.batch, **bc.env_info(dev)})
     base = [sys.executable, "-m", "mltl", "run", str(cfg), "--device", args.device]
-    one = _run(base, work / "one", args.timeout)
+    threads = 1 if args.device == "cpu" else None
+    one = _run(base, work / "one", args.timeout, threads)
     bc.emit({"kind": "measurement", "processes": 1, **one})
     dist = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
             "-m", "mltl", "run", str(cfg), "--device", args.device]
-    many = _run(dist, work / "ddp", args.timeout)
+    many = _run(dist, work / "ddp", args.timeout, threads)
     bc.emit({"kind": "measurement", "processes": args.nproc, **many})
     bc.emit({"kind": "summary", "processes": args.nproc,
              "speedup": round(one["median_epoch_seconds"] / many["median_epoch_seconds"], 3),

@@ -44,7 +44,7 @@ if [ "$DRY" = 1 ]; then
   PER_CLASS="${PER_CLASS:-24}"
   TP_TIMEOUT=400; CHAIN_TIMEOUT=300
   COMPILE_ARGS=(--quick --epochs 2 --channels 3 --backbones gfe-2:64:64); COMPILE_TIMEOUT=300
-  DDP_ARGS=(--device cpu --nproc 2 --images 200 --size 64 --epochs 3 --batch 32); DDP_TIMEOUT=300
+  DDP_ARGS=(--device cpu --images 200 --size 64 --epochs 3 --batch 32 --channels 1); DDP_TIMEOUT=300
 else
   DEVICE=cuda
   TP_ARGS=(--epochs "${TP_EPOCHS:-10}" --channels 3

@@ -38,6 +38,7 @@ channels = 1
 name = "source"
 domain = { plugin = "fractal", classes = 3, images_per_class = 20, seed = 2, channels = 1 }
 backbone = "gfe-1"
+split = { protocol = "holdout" }
 train = { epochs = 2, batch_size = 16, optimizer = "sgd", lr = 0.01, augment = ["hflip", "rotate:10"] }
 """
 
@@ -93,3 +94,47 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path):
     assert any("metrics.json" in w for w in rank0)  # the audit hook does see rank 0's writes
     assert rank1 == []  # rank 1 wrote nothing under the run directory
     assert not (tmp_path / "ddp" / ".lock").exists()
+
+
+def test_each_rank_takes_a_strided_share_of_every_global_batch(monkeypatch):
+    from mltl import distributed
+
+    for world, n, b in ((2, 36, 16), (3, 50, 16), (4, 9, 8)):
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(distributed, "_info", distributed.DistInfo(rank=rank, world_size=world))
+            shares.append(distributed.batches(n, b))
+        starts = [(i, j) for i, j, _ in shares[0]]
+        assert all([(i, j) for i, j, _ in s] == starts for s in shares)  # every rank steps through the same batches
+        for k, (i, j) in enumerate(starts):
+            got = sorted(p for s in shares for p in range(n)[s[k][2]])
+            assert got == list(range(i, j))  # the ranks' shares make up the global batch, once each
+            assert min(len(range(n)[s[k][2]]) for s in shares) >= 2
+        kept = {i for i, _ in starts}
+        assert all(i in kept for i in range(0, n, b) if (min(i + b, n) - i) // world >= 2)
+    monkeypatch.setattr(distributed, "_info", distributed.DistInfo())
+    assert [(i, j) for i, j, _ in distributed.batches(33, 16)] == [(0, 16), (16, 32)]  # a last batch of 1 is skipped
+
+
+def test_sync_batch_norm_round_trip_keeps_parameters_and_frozen_layers():
+    import torch
+
+    import mltl
+    from mltl import distributed
+    from mltl.network import HeadSpec, build_network, make_spec
+
+    net = build_network(make_spec("gfe-1", {"batch_norm": True}, 1, 32, HeadSpec(), ("a", "b")), mltl.get_registry())
+    net.set_frozen(frozenset({"C1"}))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = {n: p for n, p in net.named_parameters()}
+    originals = distributed.to_sync_batch_norm(net)
+    assert originals and all(isinstance(net.get_submodule(n), torch.nn.SyncBatchNorm) for n in originals)
+    assert {n: p for n, p in net.named_parameters()} == params  # the same Parameter objects: the optimizer's
+    net.train()
+    bns = {n: net.get_submodule(n) for n in originals}
+    frozen = [n for n in bns if any(n == p or n.startswith(p + ".") for p in net.groups["C1"])]
+    assert frozen and all(not bns[n].training for n in frozen)  # frozen BatchNorm stays in eval mode
+    assert any(bns[n].training for n in bns if n not in frozen)
+    distributed.from_sync_batch_norm(net, originals)
+    assert all(type(net.get_submodule(n)) is cls for n, cls in originals.items())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -32,6 +32,7 @@ channels = 1
 name = "source"
 domain = {{ plugin = "mm-fractal", folder = "{folder}" }}
 backbone = "gfe-1"
+split = {{ protocol = "holdout" }}
 train = {{ epochs = 2, batch_size = 8, optimizer = "adamw", lr = 0.002, sampler = "balanced", augment = ["hflip", "rotate:15", "crop:0.7", "intensity:0.2", "noise:0.03"] }}
 """
 
@@ -119,3 +120,16 @@ def test_loader_errors_reach_the_training_loop():
     assert next(it).shape == (2, 1, 8, 8)
     with pytest.raises(IndexError):
         next(it)
+
+
+def test_sources_already_at_the_input_size_are_only_gathered(tmp_path):
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, (9, 1, 16, 16), dtype=np.uint8)
+    np.save(tmp_path / "y.npy", src)
+    mm = np.load(tmp_path / "y.npy", mmap_mode="r")
+    view = load_images(mm, size=16, channels=1, device=torch.device("cpu"), device_budget_gb=1e-9)
+    assert view.prepared and torch.equal(view.read(np.array([8, 0, 4])), torch.from_numpy(src[[8, 0, 4]]))
+    # what CUDA streaming uses when the prepared images fit the host budget: a host tensor, gathered by index
+    host = HostImages(torch.from_numpy(src), np.arange(9), size=16, channels=1, device=torch.device("cpu"),
+                      prepared=True)[np.array([3, 5])]
+    assert torch.equal(torch.cat(list(host.chunks(1))), torch.from_numpy(src[[3, 5]]))

@@ -184,8 +184,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run(args.config, out=args.out, device=args.device, overrides=args.overrides, resume=args.resume)
     except Interrupted as exc:
-        print(f"mltl: {exc}; continue with: mltl run {args.config} --resume"
-              + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
+        from .distributed import is_writer
+
+        if is_writer():  # under torchrun: rank 0 only
+            print(f"mltl: {exc}; continue with: mltl run {args.config} --resume"
+                  + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
         return 130
     from .distributed import is_writer
 

@@ -66,13 +66,14 @@ class HostImages:
     def read(self, positions: np.ndarray | slice) -> torch.Tensor:
         """The images at ``positions`` of this view, prepared, as a CPU uint8 tensor ``(b, C, size, size)``."""
         rows = self.rows[positions]
-        if self.prepared:
-            return self.source[torch.from_numpy(rows)] if isinstance(self.source, torch.Tensor) \
-                else torch.from_numpy(np.ascontiguousarray(self.source[rows]))
+        if isinstance(self.source, torch.Tensor):  # prepared once in host memory
+            return self.source[torch.from_numpy(rows)]
         # gather in file order (faster on a memory map), then restore the batch's order
         order = np.argsort(rows, kind="stable")
         block = np.empty((len(rows), *self.source.shape[1:]), dtype=np.uint8)
         block[order] = self.source[rows[order]]
+        if self.prepared:
+            return torch.from_numpy(block)
         return prepare_images(block, size=self.size, channels=self.channels)
 
     def batches(self, batch_positions: Sequence[np.ndarray | slice]) -> Iterator[torch.Tensor]:

@@ -42,7 +42,7 @@ channels = 1
 name = "source"
 domain = {{ plugin = "image-folder", root = "{natural}", channels = 1 }}
 backbone = {backbone}
-split = {{ protocol = "holdout", val = 0.1, test = 0.1 }}
+split = {{ protocol = "holdout", val = 0.1, test = 0.1, group_near_duplicates = true }}
 select_by = "accuracy"
 train = {{ epochs = {source_epochs}, batch_size = 64, optimizer = "adamw", lr = 0.001, augment = ["hflip"] }}
 
