@@ -36,8 +36,24 @@ def test_chain_onto_a_real_folder_target(shared_data, tmp_path, tiny_config):
         "stages.source.backbone=gfe-1", "stages.intermediate.freeze=C1",
         f'stages.target.domain={{ plugin = "image-folder", root = "{shared_data / "ct_kidney"}", classes = ["Normal", "Cyst", "Tumor"] }}',
         "stages.target.train.epochs=2",
+        # the folder's neighbouring slices are near-duplicates: without grouping them the run refuses to start
+        "stages.target.split.group_near_duplicates=true",
     ])
     result = mltl.run(cfg, out=tmp_path / "run", device="cpu")
     m = json.loads((result.run_dir / "target" / "metrics.json").read_text())
     assert m["classes"] == ["Normal", "Cyst", "Tumor"]
-    assert m["n_test"] == sum(m["class_counts"]["test"].values()) > 250
+    assert m["n_test"] == sum(m["class_counts"]["test"].values()) > 150
+    split_of = {}
+    with open(result.run_dir / "target" / "splits.csv") as f:
+        next(f)
+        for line in f:
+            image, _, split = line.rstrip("\n").rsplit(",", 2)
+            split_of[image] = split
+    from mltl.builtins import image_folder_domain
+    from mltl.datacheck import near_duplicate_groups
+
+    dom = image_folder_domain(str(shared_data / "ct_kidney"), classes=["Normal", "Cyst", "Tumor"], image_size=56)
+    groups: dict[str, set[str]] = {}
+    for image, group in zip(dom.ids, near_duplicate_groups(dom)):
+        groups.setdefault(group, set()).add(split_of[image])
+    assert all(len(s) == 1 for s in groups.values())  # no near-duplicate group straddles two splits
