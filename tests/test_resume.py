@@ -135,27 +135,50 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     assert not (tmp_path / ".lock").exists()
 
 
-def test_damaged_files_are_rerun_or_named(config, reference, finished_copy):
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_damaged_files_are_repaired_by_resume(config, reference, finished_copy):
+    """Each kind of file of a finished run, cut in half (a crash mid-write without atomic writes, a full
+    disk, a bad copy): --resume repairs it from what is intact, to the same result, or names it."""
     out = finished_copy
-    metrics = out / "target" / "metrics.json"
-    metrics.write_text(metrics.read_text()[:40])  # truncated
-    code, _, err = finish(start(config, out, "--resume"))
-    assert code == 2 and "target" in err and "delete" in err and "metrics.json" in err
-    metrics.unlink()  # the fix the message gives: the target stage is finished again from its saved variant
+    cut = ["report.md", "environment.json", "state.json", "source/metrics.json", "intermediate/selection.json",
+           "intermediate/history.json", "target/splits.csv", "target/history.json", "target/roc.json"]
+    for name in cut:
+        _truncate(out / name)
     code, _, err = finish(start(config, out, "--resume"))
     assert code == 0, err
     assert outputs(out) == reference
-    weights = out / "intermediate" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    (out / "target" / "metrics.json").unlink()
-    code, _, err = finish(start(config, out, "--resume"))
-    assert code == 2 and "model.safetensors" in err and "Traceback" not in err
-    # a damaged record of a finished variant is not trusted: that variant is trained again
-    (out / "target" / "variant.json").write_text("{")
+    for name in cut:
+        if name.endswith(".json"):
+            json.loads((out / name).read_text())  # whole again
+    assert (out / "target/splits.csv").read_text().count("\n") == 37  # header + 36 images
+    assert "## Stage `target`" in (out / "report.md").read_text()
+
+    # weights, predictions and the records of finished variants: re-finished or retrained, same result
+    cut = ["intermediate/model.safetensors", "target/predictions.csv", "target/model.json", "target/metrics.json",
+           next(iter(sorted((out / "intermediate" / "variants").glob("*/variant.json")))).relative_to(out)]
+    for name in cut:
+        _truncate(out / name)
     (out / "intermediate" / "metrics.json").unlink()
     code, _, err = finish(start(config, out, "--resume"))
     assert code == 0, err
     assert outputs(out) == reference
+
+
+def test_damaged_files_that_cannot_be_repaired_are_named(config, finished_copy):
+    out = finished_copy
+    (out / "target" / "metrics.json").unlink()
+    ckpt = out / "target" / "checkpoint.pt"
+    ckpt.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    (out / "target" / "variant.json").unlink()  # the target is unfinished: its checkpoint would be resumed
+    code, _, err = finish(start(config, out, "--resume"))
+    assert code == 2 and "checkpoint.pt" in err and "delete it" in err and "Traceback" not in err
+    _truncate(out / "config.toml")
+    code, _, err = finish(start(config, out, "--resume"))
+    assert code == 2 and "config.toml" in err and "Traceback" not in err
 
 
 def test_resume_refuses_a_changed_config(config, finished_copy):

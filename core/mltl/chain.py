@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import re
 import time
 import zlib
@@ -211,7 +212,14 @@ class _StageRunner:
         call(self.reporters, "stage_started", stage_name=stage.name, stage_dir=stage_dir)
         emit("mltl_stage_started", stage_name=stage.name, stage_dir=stage_dir)
         if self.resume and (stage_dir / "metrics.json").is_file():
-            return self._reuse(stage, stage_dir)
+            try:
+                return self._reuse(stage, stage_dir)
+            except _Damaged as exc:
+                # repaired, not trusted: the stage is finished again from its saved variants (no retraining
+                # unless a variant's own files are damaged too)
+                logging.getLogger("mltl").warning("%s: %s; finishing the stage again from its saved variants",
+                                                  stage_dir, exc)
+                (stage_dir / "metrics.json").unlink()
         # the same for every variant (a fair comparison), and for a stage of this name in any chain (mltl compare)
         seed = config.run.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000
         where = f"{config.source}: {key} ({stage.first.domain.plugin}): "
@@ -404,19 +412,32 @@ class _StageRunner:
             return None
 
     def _reuse(self, stage: Stage, stage_dir: Path) -> StageResult:
-        """A stage that finished before an interruption: its selected model and test predictions as saved."""
+        """A stage that finished before an interruption: its selected model and test predictions as saved.
+
+        Every file a later stage or a report relies on is checked first; :class:`_Damaged` names the first
+        damaged one (the caller then finishes the stage again from its saved variants)."""
         try:
-            metrics = json.loads((stage_dir / "metrics.json").read_text())
+            name = "metrics.json"
+            metrics = json.loads((stage_dir / name).read_text())
             classes = tuple(metrics["classes"])
-            test = _read_predictions(stage_dir / "predictions.csv", "test", classes)
+            name = "predictions.csv"
+            test = _read_predictions(stage_dir / name, "test", classes)
             if len(test) != metrics["n_test"]:
-                raise ValueError(f"predictions.csv has {len(test)} test rows, metrics.json says {metrics['n_test']}")
-            sel_path = stage_dir / "selection.json"
-            selection = json.loads(sel_path.read_text()) if sel_path.is_file() else None
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"{stage_dir}: the finished stage's files are damaged ({exc}); delete "
-                            f"{stage_dir / 'metrics.json'} to re-run the stage") from None
-        self.selected[stage.name] = _load_network(stage_dir / "model.safetensors", self.registry)
+                raise ValueError(f"{len(test)} test rows, metrics.json says {metrics['n_test']}")
+            for name in ("model.json", "history.json"):
+                json.loads((stage_dir / name).read_text())
+            name = "splits.csv"
+            with open(stage_dir / name, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if len(rows) != sum(metrics["n_images"].values()) or any(r.get("split") is None for r in rows):
+                raise ValueError(f"{len(rows)} rows, metrics.json counts {sum(metrics['n_images'].values())} images")
+            name = "selection.json"
+            sel_path = stage_dir / name
+            selection = json.loads(sel_path.read_text()) if len(stage.variants) > 1 else None
+            name = "model.safetensors"
+            self.selected[stage.name] = _load_network(stage_dir / name, self.registry)
+        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+            raise _Damaged(f"{name} is damaged or missing ({str(exc).splitlines()[0][:200]})") from None
         result = StageResult(name=stage.name, stage_dir=stage_dir, classes=classes, test=test,
                              metrics=metrics, selection=selection)
         call(self.reporters, "stage_finished", result=result)
@@ -474,6 +495,10 @@ class _StageRunner:
         return metrics, selection
 
 
+class _Damaged(Exception):
+    """A finished stage's file is damaged: the stage is finished again instead of trusted."""
+
+
 def _splits_csv(domain: Domain, splits: dict[str, np.ndarray]) -> str:
     rows = io.StringIO()
     wr = csv.writer(rows, lineterminator="\n")
@@ -487,11 +512,17 @@ def _splits_csv(domain: Domain, splits: dict[str, np.ndarray]) -> str:
 def _write_splits(path: Path, domain: Domain, splits: dict[str, np.ndarray], check: bool = False) -> None:
     """Write the split assignment; with ``check`` (a resumed run), refuse one that differs from the saved one."""
     text = _splits_csv(domain, splits)
-    if check and path.is_file() and path.read_text() != text:
+    if check and path.is_file() and not _same_or_truncated(path.read_text(), text):
         raise UserError(f"{path} does not match the split this run makes now (the file is damaged, or the data "
                         f"or split settings changed since the run started): restore the data, or delete "
                         f"{path.parent} to re-run that step from the start")
     write_text_atomic(path, text)
+
+
+def _same_or_truncated(saved: str, now: str) -> bool:
+    """True when ``saved`` is ``now`` or a cut-off copy of it (damage that rewriting repairs); False when the
+    two assignments differ (the data or the split settings changed)."""
+    return now.startswith(saved)
 
 
 def _finished_repeat(rdir: Path) -> bool:
@@ -534,9 +565,14 @@ def _resume_dir(config: Config, out: str | None) -> Path:
         raise UserError(f"--resume: {path} is not an mltl run directory (no config.toml)")
     import tomllib
 
+    text = stored.read_text(errors="replace")
+    if text != dump_toml(config.raw) and dump_toml(config.raw).startswith(text):
+        raise UserError(f"--resume: {stored} is damaged: cut off after {len(text)} characters (what is left is the "
+                        f"beginning of this config); if this is the config the run was started with, write it "
+                        f"there again (`mltl validate` shows it is valid) and resume, or start a new run")
     try:
-        before = tomllib.loads(stored.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        before = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise UserError(f"--resume: {stored} is damaged ({exc}); start a new run") from None
     now = tomllib.loads(dump_toml(config.raw))
     if before != now:
