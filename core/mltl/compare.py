@@ -135,7 +135,9 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     figure = _roc_figure(out_dir, {name: _evaluated(r.stages[-1]) for name, r in results.items()}, rows)
     write_json_atomic(out_dir / "comparison.json", {"reference": reference, "rows": rows, "figure": figure,
                                                     "n_resamples": n_resamples, "seed": config.run.seed})
-    write_text_atomic(out_dir / "comparison.md", render(rows, reference, figure))
+    fig = out_dir / figure if figure else None
+    write_text_atomic(out_dir / "comparison.md", render(rows, reference, fig, out_dir))
+    write_text_atomic(out_dir / "comparison.html", render_html(rows, reference, fig))
     return Comparison(out=out_dir, rows=tuple(rows))
 
 
@@ -186,31 +188,50 @@ def _train_seconds(stage: StageResult) -> float:
     return float(proto["train_seconds_total"]) if proto else float(stage.metrics["train_seconds"])
 
 
-def render(rows: list[dict[str, Any]], reference: str, figure: str | None = None) -> str:
-    lines = [f"# Chain comparison (same target test split; p against {reference})", "",
-             "| chain | stages | train images per stage | classes | test AUC (95% CI) | AUC mean +/- SD over "
-             f"repeats | accuracy | n test | p vs {reference} | training time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def _blocks(rows: list[dict[str, Any]], reference: str, figure: Path | None) -> list[Any]:
+    from .report import Figure, Heading, Para, Table
+
+    table = []
     for r in rows:
         p = r.get("p_vs_" + reference)
         lo, hi = r["auc_ci95"]
         rep = r.get("repeats")
         spread = "-" if not rep else (f"{rep['auc_mean']:.3f} +/- {rep['auc_sd']:.3f} ({rep['n']} {rep['protocol']})"
                                       if rep["auc_sd"] is not None else f"{rep['auc_mean']:.3f}")
-        lines.append(
-            f"| {r['chain']} | {' -> '.join(r['stages'])} | {' / '.join(map(str, r['train_images']))} | "
-            f"{' / '.join(map(str, r['classes']))} | {r['auc_macro']:.3f} ({lo:.3f}-{hi:.3f}) | {spread} | "
-            f"{r['accuracy']:.3f} | {r['n_test']} | {'-' if p is None else f'{p:.3g}'} | {r['train_seconds']:.0f} |")
+        table.append((r["chain"], " -> ".join(r["stages"]), " / ".join(map(str, r["train_images"])),
+                      " / ".join(map(str, r["classes"])), f"{r['auc_macro']:.3f} ({lo:.3f}-{hi:.3f})", spread,
+                      f"{r['accuracy']:.3f}", str(r["n_test"]), "-" if p is None else f"{p:.3g}",
+                      f"{r['train_seconds']:.0f}"))
     tests = {r["test"] for r in rows if "test" in r}
     evaluated = {r.get("evaluated_on", "test") for r in rows}
-    lines += ["", f"Test of the AUC difference: {', '.join(sorted(tests))}. AUC, CI, accuracy and p are computed "
-              f"on the {' / '.join(sorted(evaluated))} predictions (for a k-fold target: every image once, each "
-              "predicted by the fold model that did not train on it). Each chain selects its variants on "
-              "validation data only; the test images are the same for every chain. Training images per stage "
-              "are those of the representative repeat; training time sums every repeat.", ""]
-    if figure:
-        lines += [f"![target ROC curves of every chain]({figure})", ""]
-    return "\n".join(lines)
+    blocks: list[Any] = [
+        Heading(1, f"Chain comparison (same target test images; p against {reference})"),
+        Table(("chain", "stages", "train images per stage", "classes", "test AUC (95% CI)",
+               "AUC mean +/- SD over repeats", "accuracy", "n test", f"p vs {reference}", "training time (s)"),
+              tuple(table)),
+        Para(f"Test of the AUC difference: {', '.join(sorted(tests))}. AUC, CI, accuracy and p are computed on the "
+             f"{' / '.join(sorted(evaluated))} predictions (for a k-fold target: every image once, each predicted "
+             "by the fold model that did not train on it). Each chain selects its variants on validation data "
+             "only; the test images are the same for every chain. Training images per stage are those of the "
+             "representative repeat; training time sums every repeat. Each chain's own run directory holds its "
+             "full report (`report.html`)."),
+    ]
+    if figure is not None:
+        blocks.append(Figure(figure, "Target ROC curves of every chain (macro average), with AUC and 95% CI."))
+    return blocks
+
+
+def render(rows: list[dict[str, Any]], reference: str, figure: Path | None = None, out_dir: Path = Path(".")) -> str:
+    """``comparison.md``; :func:`render_html` gives the same as a self-contained ``comparison.html``."""
+    from .report import render_markdown
+
+    return render_markdown(_blocks(rows, reference, figure), out_dir)
+
+
+def render_html(rows: list[dict[str, Any]], reference: str, figure: Path | None = None) -> str:
+    from .report import render_html as html
+
+    return html(_blocks(rows, reference, figure), "mltl chain comparison")
 
 
 __all__ = ["Comparison", "chains", "compare", "render"]
