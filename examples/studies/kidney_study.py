@@ -133,6 +133,7 @@ def main() -> int:
     ap.add_argument("--backbone", default='{ sweep = ["gfe-1", "gfe-2"] }')
     ap.add_argument("--freeze", default='{ sweep = ["C1", "C1-C2", "none"], select_by = "auc" }')
     ap.add_argument("--epochs", type=int, nargs=3, default=[8, 12, 40], metavar=("SOURCE", "INTER", "TARGET"))
+    ap.add_argument("--chain-only", action="store_true", help="run only the full chain (mltl run), not compare")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="passed to mltl compare")
     args = ap.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
@@ -147,6 +148,16 @@ def main() -> int:
             inter_csv=(sdir / "intermediate.csv").resolve().as_posix(),
             target_csv=(sdir / "target.csv").resolve().as_posix(), backbone=args.backbone, freeze=args.freeze,
             source_epochs=args.epochs[0], inter_epochs=args.epochs[1], target_epochs=args.epochs[2]))
+        if args.chain_only:  # study 3: only the full chain, with this backbone
+            cmd = [sys.executable, "-m", "mltl", "-q", "run", str(cfg), "--out", str(sdir / "chain")]
+            for o in args.overrides:
+                cmd += ["--set", o]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            m = json.loads((sdir / "chain" / "target" / "metrics.json").read_text())
+            summary["seeds"][seed] = {"data": counts, "target": m}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            continue
         cmd = [sys.executable, "-m", "mltl", "-q", "compare", str(cfg), "--out", str(sdir / "compare")]
         for o in args.overrides:
             cmd += ["--set", o]
@@ -155,6 +166,12 @@ def main() -> int:
         comparison = json.loads((sdir / "compare" / "comparison.json").read_text())
         summary["seeds"][seed] = {"data": counts, "comparison": comparison}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.chain_only:
+        for seed, s in summary["seeds"].items():
+            p = s["target"]["protocol"]
+            print(f"seed {seed}: target AUC {p['auc_macro']['mean']:.3f} +/- {p['auc_macro']['sd']:.3f} over folds, "
+                  f"pooled out-of-fold {p['pooled']['auc_macro']:.3f}")
+        return 0
     rows = {}
     for seed, s in summary["seeds"].items():
         for r in s["comparison"]["rows"]:
