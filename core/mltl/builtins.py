@@ -36,20 +36,28 @@ def fractal_domain(classes: int = 5, images_per_class: int = 200, seed: int = 0,
                   description=f"{classes} fractal categories x {images_per_class} images (seed {seed})")
 
 
-def image_folder_domain(root: str, classes: list[str] | None = None, channels: int = 1, size: int | None = None,
-                        *, image_size: int = 64) -> Domain:
-    """A folder with one sub-folder of images per class (PNG, JPEG, BMP, TIFF, ...)."""
+def class_folders(who: str, root: str, classes: list[str] | None, *, hint: str) -> tuple[Path, list[str]]:
+    """The folder ``root`` and its class sub-folders (``classes``, or every visible sub-folder, sorted),
+    checked: the folder exists, each named class has a sub-folder, and there are at least two classes."""
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise UserError(f'image-folder: root "{root}" is not a folder (resolved to {base.resolve()}); '
-                        f"point domain.root at a folder holding one sub-folder per class")
+        raise UserError(f'{who}: root "{root}" is not a folder (resolved to {base.resolve()}); {hint}')
     found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = list(classes) if classes else found
     missing = [c for c in names if c not in found]
     if missing:
-        raise UserError(f'image-folder: no sub-folder "{missing[0]}" in {base}; sub-folders: {", ".join(found) or "none"}')
+        raise UserError(f'{who}: no sub-folder "{missing[0]}" in {base}; sub-folders: {", ".join(found) or "none"}')
     if len(names) < 2:
-        raise UserError(f"image-folder: {base} has {len(names)} class sub-folder(s); a classifier needs at least 2")
+        raise UserError(f"{who}: {base} has {len(names)} class sub-folder(s); a classifier needs at least 2 "
+                        f"(one sub-folder per class)")
+    return base, names
+
+
+def image_folder_domain(root: str, classes: list[str] | None = None, channels: int = 1, size: int | None = None,
+                        *, image_size: int = 64) -> Domain:
+    """A folder with one sub-folder of images per class (PNG, JPEG, BMP, TIFF, ...)."""
+    base, names = class_folders("image-folder", root, classes, hint="point domain.root at a folder holding one "
+                                                                  "sub-folder per class")
     side = size or image_size
     paths, labels, ids = [], [], []
     for c, name in enumerate(names):

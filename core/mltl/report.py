@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 
 from .errors import UserError
+from .reporting import _fmt
 from .results import StageResult
 from .rundir import RunLock, write_text_atomic
 
@@ -71,14 +72,6 @@ class Table:
 class Figure:
     path: Path
     caption: str
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _ci(ci: Any) -> str:

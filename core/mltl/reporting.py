@@ -14,7 +14,6 @@ which run (default: all). The console display below is a built-in reporter like 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .results import StageResult
-from .rundir import write_text_atomic
 
 EVENTS = ("stage_started", "epoch_ended", "stage_finished", "run_finished")
 

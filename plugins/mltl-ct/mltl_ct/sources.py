@@ -9,6 +9,7 @@ from pathlib import Path
 import attrs
 
 from mltl import UserError
+from mltl.builtins import class_folders
 from mltl.manifest import read_manifest
 
 
@@ -58,18 +59,8 @@ def labelled_entries(who: str, *, root: str | None, manifest: str | None, classe
                                 f"paths are relative to the CSV file")
             entries.append(Entry(r.path, r.name, r.label, r.group, r.split, f"{m.csv} line {r.line}: ", r.name))
         return m.classes, entries, f"manifest {m.csv}"
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise UserError(f'{who}: root "{root}" is not a folder (resolved to {base.resolve()}); point it at a '
-                        f"folder holding one sub-folder per class, or use manifest = a CSV file")
-    found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    names = list(classes) if classes else found
-    missing = [c for c in names if c not in found]
-    if missing:
-        raise UserError(f'{who}: no sub-folder "{missing[0]}" in {base}; sub-folders: {", ".join(found) or "none"}')
-    if len(names) < 2:
-        raise UserError(f"{who}: {base} has {len(names)} class sub-folder(s); a classifier needs at least 2 "
-                        f"(one sub-folder per class)")
+    base, names = class_folders(who, root, classes, hint="point it at a folder holding one sub-folder per class, "
+                                                         "or use manifest = a CSV file")
     entries = []
     for name in names:
         files = [p for p in walk_files(base / name) if accept(p)]
