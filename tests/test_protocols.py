@@ -194,3 +194,10 @@ def test_saved_split_is_reused_by_a_later_run_and_checked(tmp_path, patients_plu
     with pytest.raises(mltl.UserError, match=r"split.file .*broken.csv assigns no split to 27 of the domain's 36 "
                                              r"images \(first: .*\); the data changed"):
         mltl.run(_config(tmp_path, f'split = {{ protocol = "holdout", file = "{broken}" }}'), out=tmp_path / "c")
+
+
+def test_a_split_the_data_cannot_make_fails_before_any_training(tmp_path, tiny_config):
+    cfg = mltl.load_config(tiny_config(), ["stages.target.domain.images_per_class=4", "stages.target.split.test=0.5", "stages.target.split.val=0.5"])
+    with pytest.raises(mltl.UserError, match=r'stages\[2\] \(ct-phantom\): class "normal" has no training images left'):
+        mltl.run(cfg, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # found before the source stage trained, nothing written

@@ -184,6 +184,29 @@ def _load_network(path: Path, registry: Registry) -> Network:
     return net
 
 
+def make_stage_split(config: Config, domain: Domain, cfg: StageConfig, rep: Repeat, where: str) -> dict[str, np.ndarray]:
+    """The train/val/test indices of one repeat of a stage variant (holdout, fold, or training fraction)."""
+    sp = cfg.split
+    split_seed = config.run.seed if sp.seed is None else sp.seed
+    if sp.file is not None:
+        splits = splits_from_file(domain, sp.file, where)
+    elif rep.fold is not None:
+        fold = kfold_assignment(domain, sp.folds, seed=split_seed, where=where)
+        rest = np.flatnonzero(fold != rep.fold)
+        dealt = deal_groups(domain, rest, {"val": sp.val}, seed=split_seed + 1 + rep.fold,
+                            min_per_class=sp.min_per_class, where=where)
+        splits = {"train": dealt["train"], "val": dealt["val"], "test": np.flatnonzero(fold == rep.fold)}
+    else:
+        splits = make_splits(domain, val=sp.val, test=sp.test, seed=split_seed,
+                             min_per_class=sp.min_per_class, where=where)
+    if rep.fraction is not None:
+        splits = {**splits, "train": subsample(domain, splits["train"], rep.fraction,
+                                               seed=split_seed * 7919 + 1000 * rep.fraction_index + rep.draw)}
+    check_split_classes(domain, splits, where)
+    return splits
+
+
+
 class _StageRunner:
     def __init__(self, config: Config, registry: Registry, device: torch.device, run_dir: Path,
                  domains: dict[str, Domain], reporters: list[Any], resume: bool) -> None:
@@ -229,7 +252,7 @@ class _StageRunner:
         repeats = plan_repeats(stage.first.split, protocol)
         if len(repeats) == 1:
             best, candidates = self._select(stage, key, seed, stage_dir,
-                                            lambda dom, cfg: self._split(dom, cfg, repeats[0], where))
+                                            lambda dom, cfg: make_stage_split(self.config, dom, cfg, repeats[0], where))
             test_pred, test_metrics = self._test(best)
             metrics, selection = self._write(stage, stage_dir, best, candidates, test_pred, test_metrics)
             net = best["net"]
@@ -246,7 +269,7 @@ class _StageRunner:
             rdir = stage_dir / "repeats" / rep.label
             if not (self.resume and _finished_repeat(rdir)):
                 best, candidates = self._select(stage, key, seed + rep.seed_offset, rdir,
-                                                lambda dom, cfg, _r=rep: self._split(dom, cfg, _r, where),
+                                                lambda dom, cfg, _r=rep: make_stage_split(self.config, dom, cfg, _r, where),
                                                 tag=rep.label)
                 test_pred, test_metrics = self._test(best)
                 self._write(stage, rdir, best, candidates, test_pred, test_metrics, repeat=rep.row())
@@ -272,26 +295,6 @@ class _StageRunner:
         write_json_atomic(stage_dir / "metrics.json", metrics)  # last: marks the stage finished
         distributed.barrier()
         return self._reuse(stage, stage_dir)
-
-    def _split(self, domain: Domain, cfg: StageConfig, rep: Repeat, where: str) -> dict[str, np.ndarray]:
-        sp = cfg.split
-        split_seed = self.config.run.seed if sp.seed is None else sp.seed
-        if sp.file is not None:
-            splits = splits_from_file(domain, sp.file, where)
-        elif rep.fold is not None:
-            fold = kfold_assignment(domain, sp.folds, seed=split_seed, where=where)
-            rest = np.flatnonzero(fold != rep.fold)
-            dealt = deal_groups(domain, rest, {"val": sp.val}, seed=split_seed + 1 + rep.fold,
-                                min_per_class=sp.min_per_class, where=where)
-            splits = {"train": dealt["train"], "val": dealt["val"], "test": np.flatnonzero(fold == rep.fold)}
-        else:
-            splits = make_splits(domain, val=sp.val, test=sp.test, seed=split_seed,
-                                 min_per_class=sp.min_per_class, where=where)
-        if rep.fraction is not None:
-            splits = {**splits, "train": subsample(domain, splits["train"], rep.fraction,
-                                                   seed=split_seed * 7919 + 1000 * rep.fraction_index + rep.draw)}
-        check_split_classes(domain, splits, where)
-        return splits
 
     def _select(self, stage: Stage, key: str, seed: int, base: Path, split_of,
                 tag: str = "") -> tuple[dict[str, Any], list]:
@@ -649,10 +652,14 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
     from .datacheck import audit_leakage  # duplicates across splits / stages stop the run (docs/data-check.md)
 
     domains = audit_leakage(config, domains)
-    for i, stage in enumerate(config.stages):  # a protocol the data cannot support fails now, not hours later
-        resolve_protocol(stage.first.split, last=i == len(config.stages) - 1,
-                         domain=domains[_domain_cache_key(stage.first)], key=f"{_stage_key(config, i)}.split",
-                         source=config.source)
+    for i, stage in enumerate(config.stages):  # a protocol or split the data cannot support fails now, not hours later
+        for _, cfg in stage.variants:
+            domain = domains[_domain_cache_key(cfg)]
+            protocol = resolve_protocol(cfg.split, last=i == len(config.stages) - 1, domain=domain,
+                                        key=f"{_stage_key(config, i)}.split", source=config.source)
+            for rep in plan_repeats(cfg.split, protocol)[:1]:
+                make_stage_split(config, domain, cfg, rep, f"{config.source}: {_stage_key(config, i)} "
+                                                           f"({cfg.domain.plugin}): ")
     # under torchrun only rank 0 reports, chooses and locks the run directory; the others get its path
     reporters = [ConsoleReporter()] + make_reporters(config, registry) if distributed.is_writer() else []
     out = str(out) if out is not None else config.run.out

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--device")
     c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs and p-values")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted comparison in --out: each chain resumes its own run directory")
 
     pr = sub.add_parser("predict", help="classify new images with a trained stage",
                         epilog="examples:\n  mltl predict runs/rare-kidney/target scans/*.png\n"
@@ -201,7 +203,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
     result = compare(args.config, overrides=args.overrides, out=args.out, device=args.device,
-                     n_resamples=args.resamples)
+                     n_resamples=args.resamples, resume=args.resume)
     print((result.out / "comparison.md").read_text())
     print(result.out)
     return 0

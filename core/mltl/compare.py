@@ -85,7 +85,7 @@ def chains(config: Config) -> dict[str, dict[str, Any]]:
 
 
 def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None,
-            device: str | None = None, n_resamples: int = 1000) -> Comparison:
+            device: str | None = None, n_resamples: int = 1000, resume: bool = False) -> Comparison:
     """The config's target trained from scratch, single-stage and multi-stage, compared on the same test images.
 
     Runs the three chains into ``out`` (default ``runs/<name>-compare[-N]``) and writes ``comparison.md``:
@@ -97,9 +97,15 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     derived = {name: parse_config(raw, f"{config.source} ({name})") for name, raw in chains(config).items()}
-    out_dir = choose_run_dir(str(out) if out is not None else None, f"{config.run.name}-compare")
+    if resume and out is None:
+        raise UserError("--resume: name the comparison folder to continue with --out")
+    out_dir = Path(out) if resume else choose_run_dir(str(out) if out is not None else None,
+                                                       f"{config.run.name}-compare")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {name: run(cfg, out=out_dir / name, device=device) for name, cfg in derived.items()}
+    # with resume, each chain continues its own run directory (finished stages reused, as mltl run --resume)
+    results = {name: run(cfg, out=out_dir / name, device=device,
+                         resume=resume and (out_dir / name / "config.toml").is_file())
+               for name, cfg in derived.items()}
     reference = "multi-stage" if "multi-stage" in results else "single-stage"
     ref = _evaluated(results[reference].stages[-1])
     rows = []

@@ -114,8 +114,12 @@ def build_manifests(data: Path, out: Path, *, per_class: int, groups_per_class: 
     for name, items in rows.items():
         with open(out / f"{name}.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "group"])
-            w.writerows([(p.resolve(), c, g) for p, c, g in items])
+            if name == "target":
+                w.writerow(["path", "label", "group"])
+                w.writerows([(p.resolve(), c, g) for p, c, g in items])
+            else:  # no group column (the manifest domain would pick it up): see the config's comment
+                w.writerow(["path", "label"])
+                w.writerows([(p.resolve(), c) for p, c, _ in items])
     return {"target": len(rows["target"]), "intermediate": len(rows["intermediate"]),
             "near_duplicate_groups": int(len(names)), "images": len(dom),
             "target_groups_per_class": groups_per_class, **{f"target_{c}": n for c, n in taken.items()}}
@@ -150,6 +154,8 @@ def main() -> int:
             source_epochs=args.epochs[0], inter_epochs=args.epochs[1], target_epochs=args.epochs[2]))
         if args.chain_only:  # study 3: only the full chain, with this backbone
             cmd = [sys.executable, "-m", "mltl", "-q", "run", str(cfg), "--out", str(sdir / "chain")]
+            if (sdir / "chain" / "config.toml").is_file():
+                cmd.append("--resume")
             for o in args.overrides:
                 cmd += ["--set", o]
             print(" ".join(cmd), flush=True)
@@ -158,7 +164,7 @@ def main() -> int:
             summary["seeds"][seed] = {"data": counts, "target": m}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             continue
-        cmd = [sys.executable, "-m", "mltl", "-q", "compare", str(cfg), "--out", str(sdir / "compare")]
+        cmd = [sys.executable, "-m", "mltl", "-q", "compare", str(cfg), "--out", str(sdir / "compare"), "--resume"]
         for o in args.overrides:
             cmd += ["--set", o]
         print(" ".join(cmd), flush=True)
