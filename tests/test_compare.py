@@ -38,6 +38,11 @@ def test_compare_runs_three_chains_on_the_same_test_images(tmp_path, tiny_config
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| scratch | target |" in table and "| multi-stage | source -> intermediate -> target |" in table
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["reference"] == "multi-stage"
+    # --resume: a finished comparison is read back from its run directories, not trained again
+    (tmp_path / "cmp" / "scratch" / "target" / "metrics.json").unlink()  # as if killed before the end
+    again = compare(tiny_config("C1"), out=tmp_path / "cmp", device="cpu", n_resamples=100, resume=True)
+    assert [(r["chain"], r["auc_macro"], r["auc_ci95"]) for r in again.rows] == \
+        [(r["chain"], r["auc_macro"], r["auc_ci95"]) for r in result.rows]
 
 
 @pytest.mark.slow
