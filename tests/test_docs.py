@@ -39,3 +39,18 @@ def test_hook_reference_lists_every_hookspec():
     for name in specs:
         first_words = inspect.getdoc(getattr(hookspecs, name)).split("\n")[0].split("``")[0].split(":")[0]
         assert f"### {name}\n" in text and first_words in text.split(f"### {name}\n")[1]
+
+
+def test_relative_links_in_the_docs_point_to_files_that_exist():
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # not links inside code blocks
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://|#|mailto:", target):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, "broken links: " + ", ".join(broken)
