@@ -538,7 +538,9 @@ def _finished_repeat(rdir: Path) -> bool:
 
 
 def make_reporters(config: Config, registry: Registry) -> list[Any]:
-    names = config.run.reporters if config.run.reporters is not None else registry.names("reporter")
+    # by default every installed reporter, except opt-in ones (a factory with ``opt_in = True``)
+    names = config.run.reporters if config.run.reporters is not None else [
+        n for n in registry.names("reporter") if not getattr(registry.get("reporter", n).factory, "opt_in", False)]
     return [registry.create("reporter", n, {}, key="run.reporters", source=config.source) for n in names]
 
 

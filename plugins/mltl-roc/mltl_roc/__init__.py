@@ -1,7 +1,7 @@
 """Evaluation reporting for mltl: ROC curves with bootstrap confidence intervals, the full test
 evaluation recomputed from ``predictions.csv`` (micro / macro / per-class AUC, sensitivity and
 specificity, case-level AUC, calibration), training and learning curves, Grad-CAM overlays, and a
-JSON-lines metrics log. See :mod:`mltl_roc.roc`, :mod:`mltl_roc.evaluation`, :mod:`mltl_roc.figures` and
+JSON-lines metrics log; an opt-in TensorBoard reporter where tensorboard is installed. See :mod:`mltl_roc.roc`, :mod:`mltl_roc.evaluation`, :mod:`mltl_roc.figures` and
 :mod:`mltl_roc.gradcam` for the arithmetic and the figures, ``docs/evaluation.md`` for what is reported."""
 
 from __future__ import annotations
@@ -18,3 +18,8 @@ def register_reporters(register):
              "evaluation.json (AUCs with CI, sensitivity/specificity, case level), calibration, training curves")
     register("gradcam", GradCamReporter, "Grad-CAM overlays of correct and wrong test images (gradcam.png)")
     register("metrics-log", MetricsLogReporter, "one JSON line per training epoch in RUN_DIR/metrics.jsonl")
+    from . import tensorboard
+
+    if tensorboard.available():  # opt-in: name it in [run] reporters
+        register("tensorboard", tensorboard.TensorBoardReporter,
+                 "TensorBoard scalars (training curves, test metrics) in RUN_DIR/tensorboard; opt-in")
