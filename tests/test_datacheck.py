@@ -1,6 +1,5 @@
 """mltl data check and the leakage check of mltl run (docs/data-check.md)."""
 
-import io
 import json
 import shutil
 import subprocess

@@ -1,8 +1,6 @@
 """The bad-input catalogue (docs/errors.md): each case gives a one-line message naming the file or key."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

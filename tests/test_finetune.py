@@ -14,7 +14,7 @@ from mltl.config import InputConfig, TrainConfig
 from mltl.domain import prepare_images
 from mltl.finetune import FineTuning
 from mltl.network import HeadSpec, build_network, derive, make_spec
-from mltl.train import TensorData, _lr_factor, fit, make_optimizer
+from mltl.train import TensorData, _lr_factor, fit
 
 SIZE = 56
 INP = InputConfig(size=SIZE, channels=1)

@@ -25,8 +25,7 @@ import torch
 
 from . import distributed
 from .config import Config, Stage, StageConfig, dump_toml, load_config
-from .domain import (Domain, check_split_classes, deal_groups, kfold_assignment, make_splits, prepare_images,
-                     split_counts, subsample)
+from .domain import (Domain, check_split_classes, deal_groups, kfold_assignment, make_splits, split_counts, subsample)
 from .errors import ConfigError, UserError
 from .finetune import check as check_finetuning
 from .freeze import FreezePolicy
