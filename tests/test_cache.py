@@ -155,3 +155,26 @@ def test_disk_cache_off_and_bad_decoder_output(tmp_path, own_cache, monkeypatch)
     shapes = iter([(4, 4), (5, 5), (4, 4)])
     with pytest.raises(ValueError, match="every file must decode to uint8"):
         cache.cached_decode(paths, {"reader": "bad"}, lambda p: np.zeros(next(shapes), np.uint8))
+
+
+def test_a_stack_over_the_memory_budget_is_decoded_into_its_file_not_held_in_memory(tmp_path, own_cache,
+                                                                                      monkeypatch):
+    paths = make_images(tmp_path / "imgs", n=40)
+    expected = np.stack([read_image(p, channels=1, size=16) for p in paths])
+    monkeypatch.setenv("MLTL_CACHE_MEMORY_MB", "0.001")  # 1 KB: every stack is "too big"
+    dec = Counting()
+    got = cache.decode_cached(paths, SETTINGS, dec, workers=2)
+    assert got.source == "decoded" and len(dec.calls) == 40
+    assert isinstance(got.images, np.memmap) and np.array_equal(got.images, expected)
+    assert [p.name for p in own_cache.rglob("*.npy")] and not list(own_cache.rglob("*.tmp*"))
+    again = cache.decode_cached(paths, SETTINGS, dec)  # from the file it was decoded into, verified
+    assert again.source == "disk" and len(dec.calls) == 40 and np.array_equal(again.images, expected)
+
+    def failing(path):
+        if path.name == "img30.png":
+            raise ValueError("bad file")
+        return read_image(path, channels=1, size=16)
+
+    with pytest.raises(ValueError, match="bad file"):
+        cache.decode_cached(paths, {**SETTINGS, "size": 17}, failing)
+    assert not list(own_cache.rglob("*.tmp*"))  # a failed decode leaves no half-written stack

@@ -257,13 +257,23 @@ def _verify_rows(arr: np.ndarray, meta: dict[str, Any], rows: Sequence[int] | No
     return None
 
 
-def _write_stack(folder: Path, skey: str, key: str, arr: np.ndarray, hashes: Sequence[str], source: str) -> None:
+def _write_stack(folder: Path, skey: str, key: str, arr: np.ndarray | None, hashes: Sequence[str], source: str,
+                 saved: Path | None = None) -> None:
+    """Write a stack and its metadata; ``saved``: an already written ``.npy`` (renamed into place)."""
     folder.mkdir(parents=True, exist_ok=True)
     npy = folder / f"{key}.npy"
+    if saved is not None:
+        arr = np.load(saved, mmap_mode="r", allow_pickle=False)
     meta = {"format": FORMAT, "settings_key": skey, "shape": list(arr.shape), "dtype": "uint8",
             "source": hashlib.sha256(source.encode()).hexdigest()[:16] if source else "",
             "hashes": list(hashes), "rows": [_row_digest(r) for r in arr]}
-    _atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))
+    if saved is not None:
+        del arr
+        with open(saved, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(saved, npy)
+    else:
+        _atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))
     _atomic_write(npy.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
     if source:  # an earlier stack of the same source (the folder before an edit) is superseded
         for other in folder.glob("*.json"):
@@ -351,25 +361,62 @@ def decode_cached(paths: Sequence[str | Path], settings: Mapping[str, Any], deco
             _discard(npy, f"row {bad} does not match its digest")
     reuse = _reusable_rows(folder, set(hashes), key) if disk else {}
     todo = [i for i, h in enumerate(hashes) if h not in reuse]
-    decoded: dict[int, np.ndarray] = {}
-    if todo:
-        n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-        if n_workers > 1 and len(todo) > 32:
-            with ThreadPoolExecutor(n_workers) as pool:  # Pillow and friends release the GIL while decoding
-                for i, arr in zip(todo, pool.map(lambda j: decode(paths[j]), todo)):
-                    decoded[i] = arr
-        else:
-            for i in todo:
-                decoded[i] = decode(paths[i])
-    first = decoded[todo[0]] if todo else reuse[hashes[0]][0][reuse[hashes[0]][1]]
-    out = np.empty((len(paths), *np.shape(first)), dtype=np.uint8)
-    for i, h in enumerate(hashes):
-        row = decoded[i] if i in decoded else reuse[h][0][reuse[h][1]]
+    n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(n_workers) if n_workers > 1 and len(todo) > 32 else None
+
+    def reused(i: int) -> np.ndarray:
+        stack, row = reuse[hashes[i]]
+        return stack[row]
+
+    first = decode(paths[todo[0]]) if todo else reused(0)
+    shape = (len(paths), *np.shape(first))
+    # a stack larger than the memory budget is decoded chunk by chunk straight into its .npy file, so a
+    # domain that does not fit in memory is never held whole (it is then read through a memory map)
+    spill = None
+    if disk and int(np.prod(shape)) > _memory_budget():
+        folder.mkdir(parents=True, exist_ok=True)
+        spill = folder / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp.npy"
+        out = np.lib.format.open_memmap(spill, mode="w+", dtype=np.uint8, shape=shape)
+    else:
+        out = np.empty(shape, dtype=np.uint8)
+
+    def put(i: int, row: np.ndarray) -> None:
         if np.shape(row) != out.shape[1:] or np.asarray(row).dtype != np.uint8:
             raise ValueError(f"decoder returned {np.asarray(row).dtype} {np.shape(row)} for {paths[i]}; "
                              f"every file must decode to uint8 {out.shape[1:]}")
         out[i] = row
+
+    try:
+        if todo:
+            put(todo[0], first)
+        rest = todo[1:]
+        for start in range(0, len(rest), 1024):  # Pillow and friends release the GIL while decoding
+            chunk = rest[start:start + 1024]
+            rows = pool.map(lambda j: decode(paths[j]), chunk) if pool else (decode(paths[j]) for j in chunk)
+            for i, row in zip(chunk, rows):
+                put(i, row)
+        todo_set = set(todo)
+        for i in range(len(paths)):
+            if i not in todo_set:
+                put(i, reused(i))
+    except BaseException:
+        if spill is not None:
+            del out
+            spill.unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
     del reuse
+    if spill is not None:
+        out.flush()
+        del out
+        try:
+            _write_stack(folder, skey, key, None, hashes, source, saved=spill)
+        finally:
+            spill.unlink(missing_ok=True)
+        arr = np.load(npy, mmap_mode="r" if mmap is True else "c", allow_pickle=False)
+        return CacheResult(arr, f"{skey}/{key}", "decoded", len(todo), len(paths) - len(todo))
     if disk:
         try:
             _write_stack(folder, skey, key, out, hashes, source)
