@@ -43,6 +43,19 @@ def test_compare_runs_three_chains_on_the_same_test_images(tmp_path, tiny_config
     again = compare(tiny_config("C1"), out=tmp_path / "cmp", device="cpu", n_resamples=100, resume=True)
     assert [(r["chain"], r["auc_macro"], r["auc_ci95"]) for r in again.rows] == \
         [(r["chain"], r["auc_macro"], r["auc_ci95"]) for r in result.rows]
+    # --reuse: a new target setting; each chain copies the upstream stages its namesake finished, trains the target
+    new = compare(tiny_config("C1"), overrides=["stages.target.train.lr=0.003"], out=tmp_path / "cmp2",
+                  device="cpu", n_resamples=100, reuse=tmp_path / "cmp")
+    reused = {r["chain"]: json.loads((tmp_path / "cmp2" / r["chain"] / "reused.json").read_text())
+              if (tmp_path / "cmp2" / r["chain"] / "reused.json").is_file() else {} for r in new.rows}
+    assert reused == {"scratch": {}, "single-stage": {"source": str(tmp_path / "cmp" / "single-stage" / "source")},
+                      "multi-stage": {"source": str(tmp_path / "cmp" / "multi-stage" / "source"),
+                                      "intermediate": str(tmp_path / "cmp" / "multi-stage" / "intermediate")}}
+    for chain in ("single-stage", "multi-stage"):
+        assert ((tmp_path / "cmp2" / chain / "source" / "predictions.csv").read_text()
+                == (tmp_path / "cmp" / chain / "source" / "predictions.csv").read_text())
+        assert ((tmp_path / "cmp2" / chain / "target" / "history.json").read_text()
+                != (tmp_path / "cmp" / chain / "target" / "history.json").read_text())  # trained, at the new rate
 
 
 @pytest.mark.slow

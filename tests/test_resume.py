@@ -184,3 +184,31 @@ def test_damaged_files_that_cannot_be_repaired_are_named(config, finished_copy):
 def test_resume_refuses_a_changed_config(config, finished_copy):
     code, _, err = finish(start(config, finished_copy, "--resume", "--set", "stages.target.train.lr=0.5"))
     assert code == 2 and "config differs" in err and "stages" in err
+
+
+def test_reuse_copies_the_stages_an_earlier_run_made_from_the_same_settings(config, reference_dir, reference,
+                                                                               tmp_path):
+    """--reuse: a stage is copied from an earlier run only when it and every stage above it were made from
+    the same settings and split; a changed stage and everything below it are trained."""
+    out = tmp_path / "changed"
+    code, _, err = finish(start(config, out, "--reuse", str(reference_dir),
+                                "--set", "stages.intermediate.train.lr=0.003"))
+    assert code == 0, err
+    assert json.loads((out / "reused.json").read_text()) == {"source": str(reference_dir / "source")}
+    assert outputs(out)["source"] == reference["source"]
+    hist = json.loads((out / "intermediate" / "history.json").read_text())
+    ref_hist = json.loads((reference_dir / "intermediate" / "history.json").read_text())
+    assert hist != ref_hist  # trained again, with the new learning rate
+    assert not list(out.glob(".*reuse-tmp"))
+
+    same = tmp_path / "same"
+    code, _, err = finish(start(config, same, "--reuse", str(out), "--reuse", str(reference_dir)))
+    assert code == 0, err
+    # the first run that qualifies: `out` for the source only (its intermediate differs), then the reference
+    assert json.loads((same / "reused.json").read_text()) == {
+        "source": str(out / "source"), "intermediate": str(reference_dir / "intermediate"),
+        "target": str(reference_dir / "target")}
+    assert outputs(same) == reference
+
+    code, _, err = finish(start(config, tmp_path / "bad", "--reuse", str(tmp_path / "nowhere")))
+    assert code == 2 and "--reuse" in err and "nowhere" in err and "Traceback" not in err

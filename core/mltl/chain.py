@@ -208,9 +208,10 @@ def make_stage_split(config: Config, domain: Domain, cfg: StageConfig, rep: Repe
 
 class _StageRunner:
     def __init__(self, config: Config, registry: Registry, device: torch.device, run_dir: Path,
-                 domains: dict[str, Domain], reporters: list[Any], resume: bool) -> None:
+                 domains: dict[str, Domain], reporters: list[Any], resume: bool,
+                 reuse: tuple[Path, ...] = ()) -> None:
         self.config, self.registry, self.device, self.run_dir = config, registry, device, run_dir
-        self.domains, self.reporters, self.resume = domains, reporters, resume
+        self.domains, self.reporters, self.resume, self.reuse = domains, reporters, resume, reuse
         self.selected: dict[str, Network] = {}
         self._tensors: dict[str, torch.Tensor] = {}
 
@@ -242,6 +243,25 @@ class _StageRunner:
                 logging.getLogger("mltl").warning("%s: %s; finishing the stage again from its saved variants",
                                                   stage_dir, exc)
                 (stage_dir / "metrics.json").unlink()
+        origin = self._find_earlier(index, stage) if self.reuse else None
+        if origin is not None:  # --reuse: every rank decides alike (read-only checks); rank 0 copies
+            if distributed.is_writer():
+                _copy_stage(origin, stage_dir)
+            distributed.barrier()
+            try:
+                result = self._reuse(stage, stage_dir)
+            except _Damaged as exc:
+                logging.getLogger("mltl").warning("%s: not reused: %s; training the stage", origin, exc)
+                if distributed.is_writer():
+                    (stage_dir / "metrics.json").unlink(missing_ok=True)
+            else:
+                if distributed.is_writer():
+                    reused_path = self.run_dir / "reused.json"
+                    reused = json.loads(reused_path.read_text()) if reused_path.is_file() else {}
+                    write_json_atomic(reused_path, {**reused, stage.name: str(origin)})
+                    logging.getLogger("mltl").info("%s: reused from %s (same data, settings and upstream stages)",
+                                                   stage.name, origin)
+                return result
         # the same for every variant (a fair comparison), and for a stage of this name in any chain (mltl compare)
         seed = config.run.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000
         where = f"{config.source}: {key} ({stage.first.domain.plugin}): "
@@ -413,6 +433,51 @@ class _StageRunner:
         except (OSError, ValueError, UserError):
             return None
 
+    def _find_earlier(self, index: int, stage: Stage) -> Path | None:
+        """``--reuse``: the first earlier run's finished stage of this name that was made from the same data,
+        settings and upstream stages (the same ``[input]``, seed and stage tables up to and including this one,
+        and the same split of the same images); None when no earlier run qualifies."""
+        import tomllib
+
+        log = logging.getLogger("mltl")
+        for run_dir in self.reuse:
+            src = run_dir / stage.name
+            if not (src / "metrics.json").is_file():
+                continue
+            try:
+                before = tomllib.loads((run_dir / "config.toml").read_text())
+                same = _same_upstream(before, self.config.raw, index)
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                same = False
+            if not same:
+                log.info("%s: not reused (its config differs in [input], the seed or stages[0..%d])", src, index)
+                continue
+            if not self._same_split(index, stage, src):
+                log.warning("%s: not reused: its splits.csv differs from the split this run makes (the data or "
+                            "the split changed)", src)
+                continue
+            return src
+        return None
+
+    def _same_split(self, index: int, stage: Stage, src: Path) -> bool:
+        """The earlier stage's saved split (of its representative repeat) is the one this run makes now."""
+        cfg = stage.first
+        domain = self.domains[_domain_cache_key(cfg)]
+        key = _stage_key(self.config, index)
+        try:
+            metrics = json.loads((src / "metrics.json").read_text())
+            protocol = resolve_protocol(cfg.split, last=index == len(self.config.stages) - 1, domain=domain,
+                                        key=f"{key}.split", source=self.config.source)
+            repeats = plan_repeats(cfg.split, protocol)
+            label = (metrics.get("protocol") or {}).get("representative")
+            rep = repeats[0] if len(repeats) == 1 else next((r for r in repeats if r.label == label), None)
+            if rep is None:
+                return False
+            splits = make_stage_split(self.config, domain, cfg, rep, f"{self.config.source}: {key}: ")
+            return (src / "splits.csv").read_text() == _splits_csv(domain, splits)
+        except (OSError, ValueError, UserError):
+            return False
+
     def _reuse(self, stage: Stage, stage_dir: Path) -> StageResult:
         """A stage that finished before an interruption: its selected model and test predictions as saved.
 
@@ -527,6 +592,38 @@ def _same_or_truncated(saved: str, now: str) -> bool:
     return now.startswith(saved)
 
 
+def _copy_stage(src: Path, stage_dir: Path) -> None:
+    """Copy a finished stage folder whole into a temporary folder, then rename it: a crash leaves no
+    half-copied stage behind (and ``metrics.json``, which marks a stage finished, only ever with the rest)."""
+    import shutil
+
+    tmp = stage_dir.parent / f".{stage_dir.name}.reuse-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    tmp.replace(stage_dir)
+
+
+def _same_upstream(before: dict[str, Any], now: dict[str, Any], index: int) -> bool:
+    """Two raw configs agree on everything stage ``index`` depends on: ``[input]``, the run seed, and the
+    stage tables up to and including ``index`` (names, domains, backbones, splits, training). A string that
+    names an existing file or folder compares as its absolute path (``data/x`` run from the repository root
+    is ``/home/me/repo/data/x``); the split check then confirms the images are the same."""
+    def norm(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        if isinstance(v, str) and ("/" in v or "\\" in v) and Path(v).exists():
+            return str(Path(v).resolve())
+        return v
+
+    return (before.get("input", {}) == now.get("input", {})
+            and before.get("run", {}).get("seed", 0) == now.get("run", {}).get("seed", 0)
+            and len(before.get("stages", [])) > index
+            and norm(before["stages"][:index + 1]) == norm(now["stages"][:index + 1]))
+
+
 def _finished_repeat(rdir: Path) -> bool:
     try:
         m = json.loads((rdir / "metrics.json").read_text())
@@ -635,16 +732,25 @@ class _StopOnSignal:
 
 
 def run(config: Config | str | Path, *, out: str | Path | None = None, device: str | None = None,
-        overrides: list[str] | tuple[str, ...] = (), resume: bool = False) -> RunResult:
+        overrides: list[str] | tuple[str, ...] = (), resume: bool = False,
+        reuse: list[str | Path] | tuple[str | Path, ...] = ()) -> RunResult:
     """Run a chain: ``config`` is a :class:`Config` or a path to a TOML file (``overrides`` apply to a path).
 
     With ``resume``, continue the run in ``out`` (default: the latest ``runs/<name>[-N]``): finished stages
     and sweep variants are reused, an unfinished variant continues from its last checkpoint.
+
+    ``reuse`` names earlier run directories: a stage finished there from the same data, settings and upstream
+    stages is copied instead of trained (e.g. a new target on an intermediate stage trained before).
     """
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     elif overrides:
         raise ValueError("overrides apply to a config file path; pass a path, or apply them with load_config")
+    reuse = tuple(Path(p) for p in reuse)
+    for p in reuse:
+        if not (p / "config.toml").is_file():
+            raise UserError(f"--reuse {p}: not an mltl run directory (no config.toml); name a folder that "
+                            f"`mltl run` wrote, e.g. runs/<name>")
     registry = get_registry()
     # under torchrun: join the process group, this rank's device (docs/performance.md, mltl.distributed)
     dev = distributed.setup(device or config.run.device) or resolve_device(device or config.run.device)
@@ -673,11 +779,11 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
 
         run_dir = distributed.on_rank0(claim)
         stack.enter_context(_StopOnSignal())
-        return _run_locked(config, registry, dev, domains, reporters, run_dir, resume)
+        return _run_locked(config, registry, dev, domains, reporters, run_dir, resume, reuse)
 
 
 def _run_locked(config: Config, registry: Registry, dev: torch.device, domains: dict[str, Domain],
-                reporters: list[Any], run_dir: Path, resume: bool) -> RunResult:
+                reporters: list[Any], run_dir: Path, resume: bool, reuse: tuple[Path, ...] = ()) -> RunResult:
     torch.manual_seed(config.run.seed)
     env = environment(dev, config.run.seed)
     if resume:
@@ -691,7 +797,7 @@ def _run_locked(config: Config, registry: Registry, dev: torch.device, domains: 
         write_json_atomic(run_dir / "environment.json", env)
     write_json_atomic(run_dir / "state.json", {"state": "running", "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     t0 = time.perf_counter()
-    runner = _StageRunner(config, registry, dev, run_dir, domains, reporters, resume)
+    runner = _StageRunner(config, registry, dev, run_dir, domains, reporters, resume, reuse)
     results: list[StageResult] = []
     try:
         for i, stage in enumerate(config.stages):

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (in --out, default the latest runs/<name>[-N]): finished "
                         "stages and variants are reused, an unfinished one continues from its checkpoint")
+    r.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                   help="copy, instead of training, each stage that RUN_DIR finished from the same data, settings "
+                        "and upstream stages (e.g. a new target on an earlier run's intermediate; repeatable)")
 
     c = sub.add_parser("compare", help="the same target from scratch, single-stage and multi-stage, side by side",
                        epilog="example:\n  mltl compare examples/rare_kidney.toml --set stages.target.train.epochs=50",
@@ -52,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs and p-values")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted comparison in --out: each chain resumes its own run directory")
+    c.add_argument("--reuse", metavar="DIR",
+                   help="an earlier comparison folder (or run directory): stages it finished from the same data, "
+                        "settings and upstream stages are copied, not trained again")
 
     pr = sub.add_parser("predict", help="classify new images with a trained stage",
                         epilog="examples:\n  mltl predict runs/rare-kidney/target scans/*.png\n"
@@ -184,7 +190,8 @@ def _run(args: argparse.Namespace) -> int:
     from .train import Interrupted
 
     try:
-        result = run(args.config, out=args.out, device=args.device, overrides=args.overrides, resume=args.resume)
+        result = run(args.config, out=args.out, device=args.device, overrides=args.overrides, resume=args.resume,
+                     reuse=args.reuse)
     except Interrupted as exc:
         from .distributed import is_writer
 
@@ -203,7 +210,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
     result = compare(args.config, overrides=args.overrides, out=args.out, device=args.device,
-                     n_resamples=args.resamples, resume=args.resume)
+                     n_resamples=args.resamples, resume=args.resume, reuse=args.reuse)
     print((result.out / "comparison.md").read_text())
     print(result.out)
     return 0

@@ -84,12 +84,17 @@ def chains(config: Config) -> dict[str, dict[str, Any]]:
 
 
 def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None,
-            device: str | None = None, n_resamples: int = 1000, resume: bool = False) -> Comparison:
+            device: str | None = None, n_resamples: int = 1000, resume: bool = False,
+            reuse: str | Path | None = None) -> Comparison:
     """The config's target trained from scratch, single-stage and multi-stage, compared on the same test images.
 
     Runs the three chains into ``out`` (default ``runs/<name>-compare[-N]``) and writes ``comparison.md``:
     each chain's test AUC with bootstrap confidence intervals (``n_resamples``) and paired tests against
     the multi-stage chain.
+
+    ``reuse`` names an earlier comparison folder (or one run directory): each chain copies the stages that
+    the same-named chain there (or that run) finished from the same data, settings and upstream stages,
+    instead of training them again (see :func:`mltl.run`).
     """
     from .chain import run
 
@@ -101,9 +106,18 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     out_dir = Path(out) if resume else choose_run_dir(str(out) if out is not None else None,
                                                        f"{config.run.name}-compare")
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier: dict[str, list[Path]] = {name: [] for name in derived}
+    if reuse is not None:
+        reuse = Path(reuse)
+        for name in derived:  # the same-named chain of an earlier comparison first, then a plain run directory
+            earlier[name] = [p for p in (reuse / name, reuse) if (p / "config.toml").is_file()]
+        if not any(earlier.values()):
+            raise UserError(f"--reuse {reuse}: neither a comparison folder (with scratch/, single-stage/, ..) nor "
+                            f"an mltl run directory (no config.toml); name a folder that mltl compare or "
+                            f"mltl run wrote")
     # with resume, each chain continues its own run directory (finished stages reused, as mltl run --resume)
     results = {name: run(cfg, out=out_dir / name, device=device,
-                         resume=resume and (out_dir / name / "config.toml").is_file())
+                         resume=resume and (out_dir / name / "config.toml").is_file(), reuse=earlier[name])
                for name, cfg in derived.items()}
     reference = "multi-stage" if "multi-stage" in results else "single-stage"
     ref = _evaluated(results[reference].stages[-1])

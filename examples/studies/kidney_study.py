@@ -67,7 +67,7 @@ train = {{ epochs = {target_epochs}, batch_size = 16, optimizer = "adamw", lr = 
 
 
 def build_manifests(data: Path, out: Path, *, per_class: int, groups_per_class: int, seed: int,
-                    size: int) -> dict[str, int]:
+                    size: int, min_group: int = 5) -> dict[str, int]:
     from mltl.builtins import image_folder_domain
     from mltl.datacheck import near_duplicate_groups
 
@@ -85,7 +85,8 @@ def build_manifests(data: Path, out: Path, *, per_class: int, groups_per_class: 
         members = np.flatnonzero(groups == g)
         classes = {dom.classes[dom.labels[i]] for i in members}
         c = classes.pop() if len(classes) == 1 else None
-        if c in chosen and len(chosen[c]) < groups_per_class:
+        # a group of fewer than `min_group` slices (Tumor has one of 1 slice) cannot be a fold's training scan
+        if c in chosen and len(chosen[c]) < groups_per_class and len(members) >= min_group:
             chosen[c].append(g)
     target_images: set[int] = set()
     taken = {}
@@ -133,6 +134,8 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--groups-per-class", type=int, default=3,
                     help="near-duplicate groups (in effect, scans) per target class")
+    ap.add_argument("--min-group-size", type=int, default=5,
+                    help="smallest near-duplicate group (slices) that may be a target scan")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--backbone", default='{ sweep = ["gfe-1", "gfe-2"] }')
     ap.add_argument("--freeze", default='{ sweep = ["C1", "C1-C2", "none"], select_by = "auc" }')
@@ -145,7 +148,7 @@ def main() -> int:
     for seed in args.seeds:
         sdir = out / f"seed-{seed}"
         counts = build_manifests(data, sdir, per_class=args.per_class, groups_per_class=args.groups_per_class,
-                                 seed=seed, size=args.size)
+                                 seed=seed, size=args.size, min_group=args.min_group_size)
         cfg = sdir / "chain.toml"
         cfg.write_text(CONFIG.format(
             seed=seed, size=args.size, natural=(data / "natural_images_30px").as_posix(),
