@@ -142,6 +142,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, nargs=3, default=[8, 12, 40], metavar=("SOURCE", "INTER", "TARGET"))
     ap.add_argument("--chain-only", action="store_true", help="run only the full chain (mltl run), not compare")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="passed to mltl compare")
+    ap.add_argument("--tag", default="",
+                    help="a variant of the study (e.g. a fine-tuning sweep given with --set): compared in "
+                         "OUT/seed-N/compare-TAG, reusing the stages OUT/seed-N/compare finished with the same "
+                         "settings (mltl compare --reuse), summarised in OUT/summary-TAG.json")
     args = ap.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
     summary = {"args": vars(args), "seeds": {}}
@@ -167,14 +171,17 @@ def main() -> int:
             summary["seeds"][seed] = {"data": counts, "target": m}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             continue
-        cmd = [sys.executable, "-m", "mltl", "-q", "compare", str(cfg), "--out", str(sdir / "compare"), "--resume"]
+        cdir = sdir / (f"compare-{args.tag}" if args.tag else "compare")
+        cmd = [sys.executable, "-m", "mltl", "-q", "compare", str(cfg), "--out", str(cdir), "--resume"]
+        if args.tag and (sdir / "compare").is_dir():
+            cmd += ["--reuse", str(sdir / "compare")]
         for o in args.overrides:
             cmd += ["--set", o]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        comparison = json.loads((sdir / "compare" / "comparison.json").read_text())
+        comparison = json.loads((cdir / "comparison.json").read_text())
         summary["seeds"][seed] = {"data": counts, "comparison": comparison}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / (f"summary-{args.tag}.json" if args.tag else "summary.json")).write_text(json.dumps(summary, indent=2))
     if args.chain_only:
         for seed, s in summary["seeds"].items():
             p = s["target"]["protocol"]
