@@ -483,3 +483,27 @@ def test_reporter_options_are_checked():
         GradCamReporter(per_class=-1)
     with pytest.raises(mltl.UserError, match="plain file name"):
         MetricsLogReporter(file="../x.jsonl")
+
+
+def test_reporter_options_in_the_config_reach_the_reporters_and_mltl_report(tmp_path, capsys):
+    from tests.conftest import TINY
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY.format(target_freeze="none").replace(
+        'seed = 3\n', 'seed = 3\nreporter_options = { evaluation = { n_resamples = 37, case_aggregate = "max" } }\n'))
+    # checked by mltl validate, before any data: unknown option, a reporter the run does not use, a bad value
+    for value, expected in [('{ evaluation = { case_agregate = "max" } }', 'did you mean "case_aggregate"'),
+                            ('{ tensorboard = { log_dir = "tb" } }', "which this run does not use"),
+                            ('{ nosuch = {} }', "run.reporter_options.nosuch"),
+                            ('{ roc = { n_resamples = -1 } }', "n_resamples must be a positive integer"),
+                            ('{ roc = 5 }', "expected a table of options")]:
+        code = cli.main(["validate", str(cfg), "--set", f"run.reporter_options={value}"])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and "run.reporter_options" in err and err.count("\n") == 1, (value, err)
+    run = mltl.run(cfg, out=tmp_path / "run", device="cpu")
+    ev = json.loads((run.run_dir / "target" / "evaluation.json").read_text())
+    assert ev["n_resamples"] == 37
+    # mltl report replays with the run's own options; --set changes one option and keeps the others
+    regenerate(run.run_dir, reporters=["evaluation"], reporter_options={"evaluation": {"seed": 4}})
+    ev = json.loads((run.run_dir / "target" / "evaluation.json").read_text())
+    assert ev["n_resamples"] == 37 and ev["seed"] == 4

@@ -131,6 +131,7 @@ def validate(config: Config, registry: Registry | None = None) -> None:
                           reserved={"image_size"})
     for name in config.run.reporters or ():
         registry.get("reporter", name, key="run.reporters", source=config.source)
+    make_reporters(config, registry)  # names and options of the reporters, before any data is read
     check_networks(config, registry)
 
 
@@ -634,10 +635,35 @@ def _finished_repeat(rdir: Path) -> bool:
 
 
 def make_reporters(config: Config, registry: Registry) -> list[Any]:
-    # by default every installed reporter, except opt-in ones (a factory with ``opt_in = True``)
+    """The run's reporters, created with ``[run] reporter_options``: by default every installed reporter
+    except opt-in ones (a factory with ``opt_in = True``, used only when named in ``[run] reporters``)."""
     names = config.run.reporters if config.run.reporters is not None else [
         n for n in registry.names("reporter") if not getattr(registry.get("reporter", n).factory, "opt_in", False)]
-    return [registry.create("reporter", n, {}, key="run.reporters", source=config.source) for n in names]
+    for name in config.run.reporter_options:
+        registry.get("reporter", name, key=f"run.reporter_options.{name}", source=config.source)
+    options = reporter_options(config.run.reporter_options, names, "run.reporter_options", config.source)
+    reporters = []
+    for n in names:
+        try:
+            reporters.append(registry.create("reporter", n, options.get(n, {}), key=f"run.reporter_options.{n}",
+                                             source=config.source))
+        except (ValueError, TypeError) as exc:  # a reporter's own check of an option's value
+            raise ConfigError(str(exc), key=f"run.reporter_options.{n}", source=config.source) from None
+    return reporters
+
+
+def reporter_options(options: dict[str, Any], names: list[str] | tuple[str, ...], key: str,
+                     source: str) -> dict[str, dict[str, Any]]:
+    """Check ``{reporter: {option: value}}`` names only reporters of ``names`` and holds tables."""
+    for name, value in options.items():
+        if name not in names:
+            raise ConfigError(f'options for reporter "{name}", which this run does not use (it uses: '
+                              f'{", ".join(names) or "none"}); add it to run.reporters, or remove its options',
+                              key=f"{key}.{name}", source=source)
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a table of options, e.g. {{ n_resamples = 2000 }}, got {value!r}",
+                              key=f"{key}.{name}", source=source)
+    return options
 
 
 def checkpoint_seconds() -> float:

@@ -85,6 +85,7 @@ class RunSection:
     device: str = attrs.field(default="auto", metadata=doc('"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".'))
     out: str | None = attrs.field(default=None, metadata=doc("Run directory; relative paths are relative to the working directory."))
     reporters: tuple[str, ...] | None = attrs.field(default=None, metadata=doc("Reporters to use; default all installed."))
+    reporter_options: dict[str, Any] = attrs.field(factory=dict, metadata=doc('Options per reporter, e.g. { evaluation = { case_aggregate = "max" }, roc = { n_resamples = 2000 } }; checked against the reporter\'s own options (`mltl plugins` lists the reporters).'))
     device_memory_budget_gb: float | None = attrs.field(default=None, validator=_positive, metadata=doc("A domain whose decoded images (at the input size) exceed this stays in host memory and is streamed to the device in batches; default: half the free CUDA memory (on the CPU: the host budget)."))
     host_memory_budget_gb: float | None = attrs.field(default=None, validator=_positive, metadata=doc("Streamed images are prepared once in host memory when they fit this, else read and resized per batch from the domain's (possibly memory-mapped) array; default: half the available memory."))
 

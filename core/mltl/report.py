@@ -501,6 +501,10 @@ def regenerate(run_dir: str | Path, *, reporter_options: dict[str, dict[str, Any
     if unknown:
         raise UserError(f'--set {unknown[0]}.*: reporter "{unknown[0]}" is not among the reporters replayed '
                         f"({', '.join(wanted) or 'none'})")
+    # the run's own [run] reporter_options, then --set on top, option by option
+    saved = (config_raw.get("run") or {}).get("reporter_options") or {}
+    options = {n: {**(saved.get(n) if isinstance(saved.get(n), dict) else {}), **options.get(n, {})}
+               for n in wanted if n in saved or n in options}
     created = [registry.create("reporter", n, options.get(n, {}), key=f"report --set {n}", source=str(run_dir))
                for n in wanted]
     with RunLock(run_dir):
