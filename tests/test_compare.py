@@ -80,3 +80,17 @@ def test_compare_with_a_kfold_target_judges_pooled_out_of_fold_predictions(tmp_p
     assert "<td>multi-stage</td>" in page and "data:image/png;base64," in page and 'src="roc_chains' not in page
     with Image.open(tmp_path / "cmp" / "roc_chains.png") as im:
         assert im.size[0] > 300
+
+
+def test_a_bootstrap_p_of_zero_is_shown_as_below_its_resolution():
+    from mltl.compare import render
+
+    row = {"chain": "scratch", "stages": ["target"], "train_images": [36], "classes": [3], "auc_macro": 0.6,
+           "auc_ci95": [0.5, 0.7], "repeats": None, "accuracy": 0.4, "n_test": 120, "train_seconds": 3.0,
+           "evaluated_on": "test", "test": "paired bootstrap of the macro-AUC difference"}
+    ref = {**row, "chain": "multi-stage", "stages": ["source", "target"]}
+    del ref["test"]
+    table = render([{**row, "p_vs_multi-stage": 0.0, "p_resolution": 0.002}, ref], "multi-stage")
+    assert "| < 0.002 |" in table and "| 0 |" not in table
+    table = render([{**row, "p_vs_multi-stage": 0.0314, "p_resolution": 0.002}, ref], "multi-stage")
+    assert "| 0.0314 |" in table

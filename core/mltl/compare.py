@@ -149,6 +149,8 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
                 row["test"] = "DeLong"
             else:
                 row["p_vs_" + reference] = boot["p"]
+                # 0 means no resample reversed the difference: p is below what n_resamples can resolve
+                row["p_resolution"] = 2.0 / n_resamples
                 row["test"] = "paired bootstrap of the macro-AUC difference"
         rows.append(row)
     figure = _roc_figure(out_dir, {name: _evaluated(r.stages[-1]) for name, r in results.items()}, rows)
@@ -207,6 +209,15 @@ def _train_seconds(stage: StageResult) -> float:
     return float(proto["train_seconds_total"]) if proto else float(stage.metrics["train_seconds"])
 
 
+def _p_text(p: float | None, resolution: float | None) -> str:
+    """``0.0123``; ``< 0.002`` for a bootstrap p below its resolution (no resample reversed the sign)."""
+    if p is None:
+        return "-"
+    if resolution is not None and p < resolution:
+        return f"< {resolution:.3g}"
+    return f"{p:.3g}"
+
+
 def _blocks(rows: list[dict[str, Any]], reference: str, figure: Path | None) -> list[Any]:
     from .report import Figure, Heading, Para, Table
 
@@ -219,7 +230,7 @@ def _blocks(rows: list[dict[str, Any]], reference: str, figure: Path | None) -> 
                                       if rep["auc_sd"] is not None else f"{rep['auc_mean']:.3f}")
         table.append((r["chain"], " -> ".join(r["stages"]), " / ".join(map(str, r["train_images"])),
                       " / ".join(map(str, r["classes"])), f"{r['auc_macro']:.3f} ({lo:.3f}-{hi:.3f})", spread,
-                      f"{r['accuracy']:.3f}", str(r["n_test"]), "-" if p is None else f"{p:.3g}",
+                      f"{r['accuracy']:.3f}", str(r["n_test"]), _p_text(p, r.get("p_resolution")),
                       f"{r['train_seconds']:.0f}"))
     tests = {r["test"] for r in rows if "test" in r}
     evaluated = {r.get("evaluated_on", "test") for r in rows}
