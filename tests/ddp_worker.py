@@ -40,14 +40,33 @@ def hook(event: str, args: tuple) -> None:
             seen.append(f"{event} {args[0]} -> {args[1]}")
 
 
+events: list[str] = []  # the run-event hooks this rank's plugins were called with
+
+
 def _dump() -> None:
     with open(LOG, "w") as f:
         json.dump(seen, f)
+    with open(f"{os.environ['MLTL_TEST_WRITES']}.events.{os.environ.get('RANK', '0')}", "w") as f:
+        json.dump(events, f)
 
 
 atexit.register(_dump)
 sys.addaudithook(hook)
 
+import mltl  # noqa: E402
 from mltl.cli import main  # noqa: E402
+
+
+class _EventLog:
+    @mltl.hookimpl
+    def mltl_stage_finished(self, result):
+        events.append(f"stage_finished {result.name}")
+
+    @mltl.hookimpl
+    def mltl_epoch_ended(self, stage_name, variant, epoch, metrics):
+        events.append(f"epoch_ended {stage_name} {epoch}")
+
+
+mltl.register_plugin(_EventLog(), name="test-event-log")
 
 sys.exit(main(sys.argv[1:]))

@@ -93,6 +93,10 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path):
     rank1 = json.loads((tmp_path / "writes.1").read_text())
     assert any("metrics.json" in w for w in rank0)  # the audit hook does see rank 0's writes
     assert rank1 == []  # rank 1 wrote nothing under the run directory
+    # plugins' run-event hooks fire once per run (on rank 0), like the reporters, not once per process
+    events0 = json.loads((tmp_path / "writes.events.0").read_text())
+    assert "stage_finished source" in events0 and "epoch_ended source 1" in events0
+    assert json.loads((tmp_path / "writes.events.1").read_text()) == []
     assert not (tmp_path / "ddp" / ".lock").exists()
 
 

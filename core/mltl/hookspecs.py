@@ -20,7 +20,7 @@ and the values against its annotations where they are plain types (``int``, ``fl
 
 The ``mltl_*`` event hooks are called while a chain runs, in every installed plugin, for loggers and
 trackers. Reporters chosen in the config receive the same events as methods (see
-:mod:`mltl.reporting`).
+:mod:`mltl.reporting`). Under ``torchrun`` both are called in the rank-0 process only, once per run.
 """
 
 from __future__ import annotations

@@ -220,8 +220,12 @@ def get_registry() -> Registry:
 
 
 def emit(event: str, **kwargs: Any) -> None:
-    """Call a run-event hook (``mltl_stage_started`` ...) in every plugin."""
-    getattr(get_plugin_manager().hook, event)(**kwargs)
+    """Call a run-event hook (``mltl_stage_started`` ...) in every plugin; under torchrun on rank 0 only,
+    like the reporters (a plugin that writes a file or posts a message does it once, not once per GPU)."""
+    from . import distributed
+
+    if distributed.is_writer():
+        getattr(get_plugin_manager().hook, event)(**kwargs)
 
 
 _PLAIN_TYPES: dict[Any, tuple[type, ...]] = {
