@@ -641,7 +641,7 @@ def make_reporters(config: Config, registry: Registry) -> list[Any]:
         n for n in registry.names("reporter") if not getattr(registry.get("reporter", n).factory, "opt_in", False)]
     for name in config.run.reporter_options:
         registry.get("reporter", name, key=f"run.reporter_options.{name}", source=config.source)
-    options = reporter_options(config.run.reporter_options, names, "run.reporter_options", config.source)
+    options = check_reporter_options(config.run.reporter_options, names, "run.reporter_options", config.source)
     reporters = []
     for n in names:
         try:
@@ -652,8 +652,8 @@ def make_reporters(config: Config, registry: Registry) -> list[Any]:
     return reporters
 
 
-def reporter_options(options: dict[str, Any], names: list[str] | tuple[str, ...], key: str,
-                     source: str) -> dict[str, dict[str, Any]]:
+def check_reporter_options(options: dict[str, Any], names: list[str] | tuple[str, ...], key: str,
+                           source: str) -> dict[str, dict[str, Any]]:
     """Check ``{reporter: {option: value}}`` names only reporters of ``names`` and holds tables."""
     for name, value in options.items():
         if name not in names:
