@@ -212,3 +212,22 @@ def test_reuse_copies_the_stages_an_earlier_run_made_from_the_same_settings(conf
 
     code, _, err = finish(start(config, tmp_path / "bad", "--reuse", str(tmp_path / "nowhere")))
     assert code == 2 and "--reuse" in err and "nowhere" in err and "Traceback" not in err
+
+
+def test_reuse_never_copies_a_stage_built_on_other_weights_than_this_runs(config, reference_dir, tmp_path):
+    """Same settings are not enough: when an earlier stage is trained here (its saved split no longer
+    matches) and the earlier run's copy of it holds other weights, the stages after it are trained too."""
+    from mltl.rundir import load_weights, save_weights_atomic
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(reference_dir, earlier)
+    splits = earlier / "source" / "splits.csv"
+    splits.write_text(splits.read_text().replace(",train\n", ",val\n", 1))  # as if made from other data
+    state, meta = load_weights(earlier / "source" / "model.safetensors")
+    name = next(iter(state))
+    state[name] = state[name] + 0.5  # and the model its later stages were built on is not this run's
+    save_weights_atomic(earlier / "source" / "model.safetensors", state, meta)
+    out = tmp_path / "run"
+    code, _, err = finish(start(config, out, "--reuse", str(earlier)))
+    assert code == 0, err
+    assert not (out / "reused.json").exists()  # source retrained, so neither intermediate nor target copied

@@ -453,6 +453,12 @@ class _StageRunner:
             if not same:
                 log.info("%s: not reused (its config differs in [input], the seed or stages[0..%d])", src, index)
                 continue
+            # the same settings are not enough: every earlier stage of this run (trained here, resumed or
+            # copied) must hold the very weights that run's stages held, or this stage was built on others
+            earlier = [s.name for s in self.config.stages[:index]]
+            if not all(_same_weights(self.selected[n], run_dir / n / "model.safetensors") for n in earlier):
+                log.info("%s: not reused (an earlier stage of this run has other weights than that run's)", src)
+                continue
             if not self._same_split(index, stage, src):
                 log.warning("%s: not reused: its splits.csv differs from the split this run makes (the data or "
                             "the split changed)", src)
@@ -603,6 +609,16 @@ def _copy_stage(src: Path, stage_dir: Path) -> None:
     shutil.copytree(src, tmp)
     shutil.rmtree(stage_dir, ignore_errors=True)
     tmp.replace(stage_dir)
+
+
+def _same_weights(net: Network, path: Path) -> bool:
+    """``path`` holds exactly ``net``'s weights (every tensor, bit for bit)."""
+    try:
+        saved, _ = load_weights(path)
+    except UserError:
+        return False
+    state = net.state_dict()
+    return saved.keys() == state.keys() and all(torch.equal(saved[k], state[k].detach().cpu()) for k in state)
 
 
 def _same_upstream(before: dict[str, Any], now: dict[str, Any], index: int) -> bool:
