@@ -207,7 +207,7 @@ def run_projection(args, dev) -> list[dict[str, Any]]:
     reg = mltl.get_registry()
     size, chans, batch, E = args.size, args.channels, args.batch_size, args.paper_epochs
     try:
-        from mltl.chain import checkpoint_seconds
+        from mltl.train import checkpoint_seconds
 
         ckpt_cadence = float(checkpoint_seconds())
     except ImportError:  # an mltl without resumable checkpoints

@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_s = args.checkpoint_seconds
     if ckpt_s is None:
         try:
-            from mltl.chain import checkpoint_seconds as _chain_ckpt
+            from mltl.train import checkpoint_seconds as _chain_ckpt
 
             ckpt_s = float(_chain_ckpt())
         except ImportError:

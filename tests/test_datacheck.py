@@ -214,12 +214,12 @@ def test_leakage_allowed_when_the_config_says_so(leaky, tmp_path):
     assert result.stage("target").metrics["n_test"] > 0
     # the audit's split is the one the run made (same function, same arguments)
     config = mltl.load_config(cfg)
-    from mltl.chain import _domain_cache_key, load_domains
+    from mltl.plan import domain_key, load_domains
 
     domains = load_domains(config, mltl.get_registry())
     stage_cfg = config.stages[1].first
-    part, protocol = datacheck.stage_partition(config, 1, stage_cfg, domains[_domain_cache_key(stage_cfg)])
-    dom = domains[_domain_cache_key(stage_cfg)]
+    part, protocol = datacheck.stage_partition(config, 1, stage_cfg, domains[domain_key(stage_cfg)])
+    dom = domains[domain_key(stage_cfg)]
     saved = dict(line.split(",")[0::2] for line in (out / "target" / "splits.csv").read_text().splitlines()[1:])
     assert protocol == "holdout" and {dom.ids[i]: str(part[i]) for i in range(len(dom))} == saved
 
@@ -243,7 +243,7 @@ split = {{ protocol = "holdout", seed = 4 }}
 train = {{ epochs = 1 }}
 """)
     config = mltl.load_config(cfg)
-    from mltl.chain import load_domains
+    from mltl.plan import load_domains
 
     domains = load_domains(config, mltl.get_registry())
     with pytest.raises(mltl.UserError, match=r"data leakage: stage only: \d+ duplicate group\(s\) .* straddle"):

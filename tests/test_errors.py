@@ -145,7 +145,7 @@ def test_truncated_training_checkpoint(tmp_path):
 def test_weights_of_another_architecture(tmp_path):
     import json
 
-    from mltl.chain import _load_network
+    from mltl.rundir import load_network
     from mltl.network import HeadSpec, build_network, make_spec
     from mltl.rundir import save_weights_atomic
 
@@ -153,7 +153,7 @@ def test_weights_of_another_architecture(tmp_path):
     other_spec = make_spec("gfe-2", {}, 1, 56, HeadSpec(), ("a", "b"))
     save_weights_atomic(tmp_path / "model.safetensors", small.state_dict(), {"spec": json.dumps(other_spec)})
     with pytest.raises(mltl.UserError, match=r"model.safetensors: weights do not match the network they describe"):
-        _load_network(tmp_path / "model.safetensors", get_registry())
+        load_network(tmp_path / "model.safetensors", get_registry())
 
 
 def test_cuda_asked_for_without_cuda():
@@ -162,7 +162,7 @@ def test_cuda_asked_for_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(mltl.UserError, match='device "cuda" was asked for but CUDA is not available'):
-        mltl.chain.resolve_device("cuda")
+        mltl.preflight.resolve_device("cuda")
 
 
 def test_every_catalogue_entry_has_a_test():

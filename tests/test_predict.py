@@ -42,6 +42,24 @@ def test_predict_reproduces_the_stage_predictions(folder_run):
         np.testing.assert_allclose(got[data / r["id"]], expected, rtol=0, atol=1e-6)
 
 
+def test_a_run_directory_serves_its_last_stage_in_chain_order(folder_run, tmp_path):
+    """Not the stage whose files are newest: a resume that repaired an earlier stage, or a copy, changes times."""
+    import os
+    import shutil
+
+    result, _ = folder_run
+    copy = tmp_path / "copied-run"
+    shutil.copytree(result.run_dir, copy)
+    now = os.path.getmtime(copy / "target" / "model.json")
+    os.utime(copy / "source" / "model.json", (now + 100, now + 100))  # the source looks newest
+    assert load_stage(copy).path.name == "target"
+    shutil.rmtree(copy / "target")  # an interrupted run: the last finished stage
+    assert load_stage(copy).path.name == "intermediate"
+    (copy / "config.toml").unlink()
+    with pytest.raises(mltl.UserError, match="name a stage directory"):
+        load_stage(copy)
+
+
 def test_predict_cli_on_a_folder_writes_csv(folder_run, tmp_path):
     result, data = folder_run
     out = tmp_path / "new.csv"

@@ -437,18 +437,18 @@ def test_learning_curve_and_repeats_table_from_a_synthetic_repeats_json(tiny_run
 
 
 def test_gradcam_heatmap_has_the_input_shape_and_is_not_constant(tiny_run):
-    from mltl.chain import _load_network
+    from mltl.rundir import load_network
     from mltl.config import InputConfig
     from mltl.domain import prepare_images
-    from mltl.train import _normalise
+    from mltl.train import normalise
     from mltl_roc.gradcam import gradcam_maps, last_conv_group
 
     d = tiny_run.run_dir / "source"
-    net = _load_network(d / "model.safetensors", mltl.get_registry())
+    net = load_network(d / "model.safetensors", mltl.get_registry())
     info = json.loads((d / "model.json").read_text())
     inp = InputConfig(**info["input"])
     dom = mltl.get_registry().create("domain", "fractal", info["domain"]["options"], extra={"image_size": inp.size})
-    x = _normalise(prepare_images(dom.images[:6], size=inp.size, channels=inp.channels), inp)
+    x = normalise(prepare_images(dom.images[:6], size=inp.size, channels=inp.channels), inp)
     targets = net.eval()(x).argmax(1).tolist()
     maps = gradcam_maps(net, x, targets)
     assert last_conv_group(net) == "C2"

@@ -1,18 +1,18 @@
-"""Tests of the mltl-roc plugin: ROC arithmetic, bootstrap CI, figures, and the reporter."""
+"""Tests of the mltl-roc plugin: ROC curves, figures, and the reporter (the macro AUC and its bootstrap
+are the core's, tested in tests/test_stats.py)."""
 
 import json
 import logging
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from mltl import bootstrap_auc_ci, macro_auc
 from mltl.results import Predictions, StageResult
 from mltl_roc.reporter import RocReporter
-from mltl_roc.roc import bootstrap_auc_ci, bootstrap_macro_aucs, macro_auc, plot_roc, roc_curves
+from mltl_roc.roc import plot_roc, roc_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -28,141 +28,6 @@ def fake_predictions(n, n_classes, separation=1.5, seed=0, decimals=None):
     if decimals is not None:  # coarse scores: many ties
         probs = np.round(probs, decimals)
     return labels, probs
-
-
-# ----------------------------------------------------------------------------------------- macro_auc
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_macro_auc_matches_sklearn_ovr_macro(seed):
-    labels, probs = fake_predictions(200, 3, separation=1.0, seed=seed)
-    expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
-    assert macro_auc(labels, probs) == pytest.approx(expected, abs=1e-12)
-
-
-def test_macro_auc_binary_is_auc_of_column_one():
-    labels, probs = fake_predictions(150, 2, separation=1.0, seed=3)
-    assert macro_auc(labels, probs) == pytest.approx(roc_auc_score(labels, probs[:, 1]), abs=1e-12)
-
-
-def test_macro_auc_leaves_absent_classes_out():
-    labels, probs = fake_predictions(120, 4, seed=4)
-    labels[labels == 2] = 0  # class 2 absent
-    present = [0, 1, 3]
-    expected = np.mean([roc_auc_score(labels == k, probs[:, k]) for k in present])
-    assert macro_auc(labels, probs) == pytest.approx(expected, abs=1e-12)
-    assert not math.isnan(macro_auc(labels, probs))
-
-
-def test_macro_auc_nan_with_one_class():
-    _, probs = fake_predictions(30, 3, seed=5)
-    assert math.isnan(macro_auc(np.full(30, 1), probs))
-
-
-# ------------------------------------------------------------------------------------------ bootstrap
-
-
-def reference_bootstrap_aucs(labels, probs, n_resamples, seed):
-    """Slow, obviously correct stratified bootstrap of the macro AUC, same scheme as the plugin:
-    one ``rng.integers`` block of shape (n_resamples, class count) per class, classes ascending, then
-    per resample and per class the Mann-Whitney AUC by comparing every positive with every negative."""
-    labels = [int(v) for v in labels]
-    n_classes = len(probs[0])
-    rng = np.random.default_rng(seed)
-    present = sorted(set(labels))
-    members = {c: [i for i, lab in enumerate(labels) if lab == c] for c in present}
-    blocks = {c: rng.integers(0, len(members[c]), size=(n_resamples, len(members[c]))) for c in present}
-    scored = [1] if n_classes == 2 else present
-    out = []
-    for b in range(n_resamples):
-        sample = [members[c][int(j)] for c in present for j in blocks[c][b]]
-        total = 0.0
-        for k in scored:
-            pos = [float(probs[i][k]) for i in sample if labels[i] == k]
-            neg = [float(probs[i][k]) for i in sample if labels[i] != k]
-            twice_wins = 0
-            for p in pos:
-                for q in neg:
-                    twice_wins += 2 if p > q else (1 if p == q else 0)
-            total += twice_wins / (2 * len(pos) * len(neg))
-        out.append(total / len(scored))
-    return out
-
-
-@pytest.mark.parametrize(
-    "n_classes, decimals",
-    [(3, None), (3, 1), (2, 2), (4, None)],
-    ids=["3cls", "3cls-ties", "binary-ties", "4cls"],
-)
-def test_bootstrap_matches_slow_reference_exactly(n_classes, decimals):
-    labels, probs = fake_predictions(60, n_classes, separation=1.0, seed=7, decimals=decimals)
-    n_resamples, seed = 150, 11
-    expected = reference_bootstrap_aucs(labels, probs, n_resamples, seed)
-    got = bootstrap_macro_aucs(labels, probs, n_resamples=n_resamples, seed=seed)
-    assert got.tolist() == expected  # same draws, same exact arithmetic: bit for bit
-    lo, hi = bootstrap_auc_ci(labels, probs, n_resamples=n_resamples, seed=seed)
-    level = 0.95  # bounds: the (1 - level) / 2 and (1 + level) / 2 quantiles, numpy's linear method
-    assert [lo, hi] == np.quantile(expected, [(1 - level) / 2, (1 + level) / 2]).tolist()
-
-
-def test_bootstrap_resample_auc_agrees_with_sklearn_macro_auc():
-    """The fast per-resample AUC is the same number as sklearn's (up to rounding) on the same draws."""
-    labels, probs = fake_predictions(50, 3, seed=8, decimals=1)
-    n_resamples, seed = 40, 5
-    rng = np.random.default_rng(seed)
-    blocks = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        blocks.append(members[rng.integers(0, members.size, size=(n_resamples, members.size))])
-    draws = np.concatenate(blocks, axis=1)
-    expected = [macro_auc(labels[idx], probs[idx]) for idx in draws]
-    got = bootstrap_macro_aucs(labels, probs, n_resamples=n_resamples, seed=seed)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
-
-
-def test_bootstrap_is_deterministic_for_a_seed():
-    labels, probs = fake_predictions(120, 3, seed=9)
-    a = bootstrap_auc_ci(labels, probs, n_resamples=300, seed=42)
-    b = bootstrap_auc_ci(labels, probs, n_resamples=300, seed=42)
-    c = bootstrap_auc_ci(labels, probs, n_resamples=300, seed=43)
-    assert a == b
-    assert a != c
-
-
-def test_bootstrap_ci_contains_point_estimate_and_shrinks_with_n():
-    labels, probs = fake_predictions(150, 3, separation=1.2, seed=10)
-    lo, hi = bootstrap_auc_ci(labels, probs, n_resamples=1000, seed=0)
-    assert lo < macro_auc(labels, probs) < hi
-    assert 0.0 <= lo < hi <= 1.0
-
-    big_labels, big_probs = fake_predictions(600, 3, separation=1.2, seed=10)
-    big_lo, big_hi = bootstrap_auc_ci(big_labels, big_probs, n_resamples=1000, seed=0)
-    assert big_lo < macro_auc(big_labels, big_probs) < big_hi
-    # 4x the images: the width should roughly halve.
-    assert (big_hi - big_lo) < 0.75 * (hi - lo)
-
-
-def test_bootstrap_keeps_class_counts():
-    labels, probs = fake_predictions(40, 3, seed=12)
-    labels[:3] = 2  # make counts unequal
-    # A resample that lost a class would give NaN or a different class mix; the reference scheme
-    # (per-class blocks) is checked bit for bit above, so here: no NaN, and values vary.
-    aucs = bootstrap_macro_aucs(labels, probs, n_resamples=200, seed=1)
-    assert np.isfinite(aucs).all() and aucs.std() > 0
-
-
-def test_bootstrap_one_class_gives_nan():
-    _, probs = fake_predictions(20, 3, seed=13)
-    lo, hi = bootstrap_auc_ci(np.zeros(20, dtype=np.int64), probs, n_resamples=10)
-    assert math.isnan(lo) and math.isnan(hi)
-
-
-def test_bootstrap_is_fast():
-    labels, probs = fake_predictions(300, 3, seed=14)
-    bootstrap_auc_ci(labels, probs, n_resamples=50)  # warm up imports
-    start = time.perf_counter()
-    bootstrap_auc_ci(labels, probs, n_resamples=1000, seed=0)
-    assert time.perf_counter() - start < 2.0
 
 
 # ------------------------------------------------------------------------------------------- curves

@@ -57,3 +57,17 @@ def test_scaffolded_plugin_installs_and_its_test_passes(tmp_path):
     finally:
         removed = subprocess.run(pip + ["uninstall", "-y", "mltl-clinic-xray"], capture_output=True, text=True)
     assert removed.returncode == 0, removed.stderr
+
+
+def test_scaffolded_module_registers_its_reader(tmp_path, fresh_plugins, recwarn):
+    """The generated hooks, registered in this process: `mltl predict` gets the plugin's reader."""
+    import importlib.util
+
+    root = scaffold("clinic-scan", tmp_path)
+    spec = importlib.util.spec_from_file_location("mltl_clinic_scan", root / "mltl_clinic_scan" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mltl.register_plugin(module, name="clinic_scan")
+    item = fresh_plugins.get_registry().get("domain", "clinic-scan")
+    assert item.read_file is module.read_file and item.suffixes == {s.lower() for s in module.SUFFIXES}
+    assert not [w for w in recwarn if "clinic_scan" in str(w.message)]  # no deprecated attributes

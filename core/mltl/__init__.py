@@ -18,29 +18,58 @@ The interfaces a plugin implements or returns: :class:`Domain`, :class:`Trunk` (
 
 ``mltl.predict``, ``mltl.export`` and ``mltl.compare`` are the functions; their modules stay importable
 as ``from mltl.predict import ...``.
+
+The plugin API: this module is the one thing a plugin imports from mltl (``from mltl import ...``, the
+names in ``__all__``). Besides the interfaces above it offers the helpers plugins share with the core:
+reading images and manifests (:func:`is_dicom_file`, :func:`read_image`, :func:`read_manifest`,
+:func:`class_folders`), patient pseudonyms (:func:`pseudonym`, :func:`resolve_salt`), preprocessing as in
+training (:class:`InputConfig`, :func:`prepare_images`, :func:`normalise`, :func:`make_splits`), a finished
+stage (:func:`load_network`, :func:`read_predictions`), crash-safe writes (:func:`write_bytes_atomic`,
+:func:`write_json_atomic`, :func:`write_text_atomic`), messages (:func:`did_you_mean`), the macro AUC and
+its one stratified bootstrap (:func:`macro_auc`, :func:`bootstrap_auc_ci`, :func:`paired_bootstrap` ...), and
+the blocks a report hook returns (:class:`StageReport`, :class:`Heading`, :class:`Para`, :class:`Table`,
+:class:`Figure`). The modules behind them are internal and move without notice;
+``tests/test_architecture.py`` checks that first-party plugins import nothing else.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
-from .chain import RunResult, run, validate
+from .builtins import class_folders
+from .chain import RunResult, run
 from .compare import Comparison, compare
-from .config import Config, Stage, StageConfig, load_config
-from .domain import Domain
-from .errors import ConfigError, UserError
+from .config import Config, InputConfig, Stage, StageConfig, load_config
+from .domain import Domain, make_splits, prepare_images
+from .errors import ConfigError, UserError, did_you_mean
 from .export import ExportResult, export
 from .freeze import FreezePolicy
 from .hookspecs import hookimpl
+from .images import IMAGE_SUFFIXES, is_dicom_file, read_image
+from .manifest import read_manifest
 from .network import HeadSpec, Network, Trunk
+from .preflight import validate
 from .plugins import get_registry, register_plugin, unregister_plugin
 from .predict import TrainedStage, load_stage, predict
+from .privacy import pseudonym, resolve_salt
+from .report import Figure, Heading, Para, StageReport, Table
 from .reporting import Reporter
 from .results import Predictions, StageResult
+from .rundir import load_network, read_predictions, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .stats import (bootstrap_auc_ci, bootstrap_macro_aucs, check_scores, delong_test, macro_auc,
+                    paired_bootstrap, scored_classes, stratified_resamples)
+from .train import normalise
 
 __all__ = [
     "Comparison", "Config", "ConfigError", "Domain", "ExportResult", "FreezePolicy", "HeadSpec", "Network",
     "Predictions", "Reporter", "RunResult", "Stage", "StageConfig", "StageResult", "TrainedStage", "Trunk",
     "UserError", "__version__", "compare", "export", "get_registry", "hookimpl", "load_config", "load_stage",
     "predict", "register_plugin", "run", "unregister_plugin", "validate",
+    # helpers for plugins (see the module docstring)
+    "IMAGE_SUFFIXES", "InputConfig", "class_folders", "did_you_mean", "is_dicom_file", "load_network",
+    "make_splits", "normalise", "prepare_images", "pseudonym", "read_image", "read_manifest",
+    "read_predictions", "resolve_salt", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
+    # AUCs and their one bootstrap (mltl.stats); report blocks for the report hooks (mltl.report)
+    "bootstrap_auc_ci", "bootstrap_macro_aucs", "check_scores", "delong_test", "macro_auc", "paired_bootstrap",
+    "scored_classes", "stratified_resamples", "Figure", "Heading", "Para", "StageReport", "Table",
 ]

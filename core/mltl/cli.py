@@ -12,9 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
 from .console import make_console
 from .errors import UserError
+from .rundir import RunFiles
+from .version import __version__
 
 EPILOG_RUN = """examples:
   mltl run examples/rare_liver.toml
@@ -219,7 +220,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .chain import resolve_device
+    from .preflight import resolve_device
     from .predict import load_stage, predict, predictions_csv
     from .rundir import write_text_atomic
 
@@ -251,7 +252,13 @@ def _data(args: argparse.Namespace) -> int:
         report = check_folder(target, classes=args.classes.split(",") if args.classes else None, val=args.val,
                               test=args.test, seed=args.seed, group_near_duplicates=args.group_near_duplicates)
     elif target.is_file():
-        report = check_config(target, args.overrides)
+        from .config import load_config
+        from .plugins import get_registry
+        from .preflight import validate
+
+        config = load_config(target, args.overrides)
+        validate(config)
+        report = check_config(config, get_registry(), args.overrides)
     else:
         raise UserError(f'data check: "{args.target}" is neither a folder of class sub-folders nor a config file')
     if args.json:
@@ -262,15 +269,13 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .chain import load_domains, validate
     from .config import load_config
-    from .plugins import get_registry
+    from .preflight import prepare
 
     config = load_config(args.config, args.overrides)
-    validate(config)
-    domains = load_domains(config, get_registry())  # reads every image: a bad file is found now
+    chain = prepare(config)  # what `mltl run` checks before training: reads every image, leakage, every split
     n = sum(len(s.variants) for s in config.stages)
-    images = sum(len(d) for d in domains.values())
+    images = sum(len(d) for d in chain.domains.values())
     print(f"{args.config}: OK ({len(config.stages)} stages, {n} variants to train, {images} images readable)")
     return 0
 
@@ -278,7 +283,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _rank(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .chain import resolve_device
+    from .preflight import resolve_device
     from .config import load_config
     from .rank import rank, ranking_json
     from .rundir import write_text_atomic
@@ -349,7 +354,7 @@ def _report(args: argparse.Namespace) -> int:
     print(f"{done.run_dir}: reported {len(done.finished)} finished stage(s)"
           + (f"; unfinished: {', '.join(done.unfinished)}" if done.unfinished else "")
           + f" (reporters: {', '.join(done.reporters) or 'none'})")
-    print(done.run_dir / "report.html")
+    print(RunFiles(done.run_dir).report_html)
     return 0
 
 

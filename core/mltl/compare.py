@@ -18,19 +18,24 @@ the mean +/- SD over folds.
 from __future__ import annotations
 
 import copy
-import csv
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import numpy as np
 
+from . import report
 from .config import Config, load_config, parse_config
 from .errors import UserError
 from .metrics import classification_metrics
+from .plugins import hooks
+from .report import Block, Figure, Heading, Para, Table, render_markdown
 from .results import Predictions, StageResult
-from .rundir import choose_run_dir, write_json_atomic, write_text_atomic
+from .rundir import RunFiles, StageFiles, choose_run_dir, read_predictions, write_json_atomic, write_text_atomic
 from .stats import delong_test, paired_bootstrap
+
+if TYPE_CHECKING:
+    from .chain import RunResult
 
 
 @attrs.frozen(eq=False)
@@ -88,9 +93,9 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
             reuse: str | Path | None = None) -> Comparison:
     """The config's target trained from scratch, single-stage and multi-stage, compared on the same test images.
 
-    Runs the three chains into ``out`` (default ``runs/<name>-compare[-N]``) and writes ``comparison.md``:
-    each chain's test AUC with bootstrap confidence intervals (``n_resamples``) and paired tests against
-    the multi-stage chain.
+    Runs the three chains into ``out`` (default ``runs/<name>-compare[-N]``) and writes ``comparison.md``
+    (:func:`write_comparison`): each chain's test AUC with bootstrap confidence intervals (``n_resamples``
+    resamples, seeded with the config's ``run.seed``) and paired tests against the multi-stage chain.
 
     ``reuse`` names an earlier comparison folder (or one run directory): each chain copies the stages that
     the same-named chain there (or that run) finished from the same data, settings and upstream stages,
@@ -110,18 +115,44 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     if reuse is not None:
         reuse = Path(reuse)
         for name in derived:  # the same-named chain of an earlier comparison first, then a plain run directory
-            earlier[name] = [p for p in (reuse / name, reuse) if (p / "config.toml").is_file()]
+            earlier[name] = [p for p in (reuse / name, reuse) if RunFiles(p).config.is_file()]
         if not any(earlier.values()):
             raise UserError(f"--reuse {reuse}: neither a comparison folder (with scratch/, single-stage/, ..) nor "
                             f"an mltl run directory (no config.toml); name a folder that mltl compare or "
                             f"mltl run wrote")
     # with resume, each chain continues its own run directory (finished stages reused, as mltl run --resume)
     results = {name: run(cfg, out=out_dir / name, device=device,
-                         resume=resume and (out_dir / name / "config.toml").is_file(), reuse=earlier[name])
+                         resume=resume and RunFiles(out_dir / name).config.is_file(), reuse=earlier[name])
                for name, cfg in derived.items()}
+    return write_comparison(out_dir, results, n_resamples=n_resamples, seed=config.run.seed)
+
+
+@attrs.frozen(eq=False)
+class ChainScores:
+    """One chain's target as the comparison judges it, handed to ``mltl_comparison_figures`` hooks.
+
+    ``predictions``: the target's test predictions (pooled out-of-fold for a k-fold target), the same
+    images in the same order for every chain; ``auc_ci95``: the 95% CI of their macro AUC, as printed.
+    """
+
+    name: str
+    predictions: Predictions
+    auc_ci95: tuple[float, float]
+
+
+def write_comparison(out_dir: Path, results: Mapping[str, RunResult], *, n_resamples: int = 1000,
+                     seed: int = 0) -> Comparison:
+    """Compare finished chains on their last stage and write ``comparison.json``, ``.md`` and ``.html``.
+
+    ``results``: the chains' runs by name, in table order (``multi-stage`` is the reference when present,
+    else ``single-stage``). Each target's macro-AUC CI and the paired test of its difference from the
+    reference come from :func:`mltl.stats.paired_bootstrap` with ``n_resamples`` and ``seed``; the figures
+    come from the plugins' ``mltl_comparison_figures`` hooks.
+    """
+    out_dir = Path(out_dir)
     reference = "multi-stage" if "multi-stage" in results else "single-stage"
     ref = _evaluated(results[reference].stages[-1])
-    rows = []
+    rows, scored = [], []
     for name, result in results.items():
         target = result.stages[-1]
         test = _evaluated(target)
@@ -129,7 +160,7 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
             raise RuntimeError("the chains were tested on different images; this is a bug in mltl compare")
         scores = classification_metrics(test.labels, test.probs, test.classes)
         boot = paired_bootstrap(test.labels, test.probs, None if name == reference else ref.probs,
-                                classes=test.classes, n_resamples=n_resamples, seed=config.run.seed)
+                                classes=test.classes, n_resamples=n_resamples, seed=seed)
         row: dict[str, Any] = {
             "chain": name,
             "stages": [s.name for s in result.stages],
@@ -153,46 +184,25 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
                 row["p_resolution"] = 2.0 / n_resamples
                 row["test"] = "paired bootstrap of the macro-AUC difference"
         rows.append(row)
-    figure = _roc_figure(out_dir, {name: _evaluated(r.stages[-1]) for name, r in results.items()}, rows)
-    write_json_atomic(out_dir / "comparison.json", {"reference": reference, "rows": rows, "figure": figure,
-                                                    "n_resamples": n_resamples, "seed": config.run.seed})
-    fig = out_dir / figure if figure else None
-    write_text_atomic(out_dir / "comparison.md", render(rows, reference, fig, out_dir))
-    write_text_atomic(out_dir / "comparison.html", render_html(rows, reference, fig))
+        scored.append(ChainScores(name=name, predictions=test, auc_ci95=(boot["ci_low"], boot["ci_high"])))
+    figures = [f for answer in hooks().comparison_figures(scored, out_dir)
+               for f in answer or ()]
+    names = [f.path.relative_to(out_dir).as_posix() if f.path.is_relative_to(out_dir) else str(f.path)
+             for f in figures]
+    write_json_atomic(out_dir / "comparison.json", {"reference": reference, "rows": rows,
+                                                    "figure": names[0] if names else None, "figures": names,
+                                                    "n_resamples": n_resamples, "seed": seed})
+    write_text_atomic(out_dir / "comparison.md", render(rows, reference, figures, out_dir))
+    write_text_atomic(out_dir / "comparison.html", render_html(rows, reference, figures))
     return Comparison(out=out_dir, rows=tuple(rows))
-
-
-def _roc_figure(out_dir: Path, evaluated: dict[str, Predictions], rows: list[dict[str, Any]]) -> str | None:
-    """``roc_chains.png``: every chain's macro ROC curve on one plot (the paper's Figs. 5 and 6), with its
-    AUC and 95% CI in the legend; None when the mltl-roc plugin is not installed."""
-    try:
-        from mltl_roc.roc import plot_roc, roc_curves
-    except ImportError:
-        return None
-    curves = []
-    for row in rows:
-        pred = evaluated[row["chain"]]
-        lo, hi = row["auc_ci95"]
-        macro = roc_curves(pred.labels, pred.probs, pred.classes)["macro"]
-        curves.append((f"{row['chain']}: AUC {{auc:.3f}} [{lo:.3f}, {hi:.3f}]", {"macro": macro}))
-    some = next(iter(evaluated.values()))
-    plot_roc(curves, out_dir / "roc_chains.png",
-             f"Target ROC by chain (macro over {len(some.classes)} classes, n={len(some)} {some.split})")
-    return "roc_chains.png"
 
 
 def _evaluated(stage: StageResult) -> Predictions:
     """The predictions a chain is judged on: the pooled out-of-fold test predictions of a k-fold target
     (every image once), else the target's test predictions."""
-    oof = stage.stage_dir / "oof_predictions.csv"
+    oof = StageFiles(stage.stage_dir).oof_predictions
     if (stage.metrics.get("protocol") or {}).get("pooled") and oof.is_file():
-        with open(oof, newline="") as f:
-            rows = list(csv.DictReader(f))
-        classes = stage.classes
-        return Predictions(ids=tuple(r["id"] for r in rows), split="out-of-fold test",
-                           labels=np.array([classes.index(r["label"]) for r in rows], dtype=np.int64),
-                           probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows]),
-                           classes=classes)
+        return attrs.evolve(read_predictions(oof, "test", stage.classes), split="out-of-fold test", groups=None)
     return stage.test
 
 
@@ -218,8 +228,7 @@ def _p_text(p: float | None, resolution: float | None) -> str:
     return f"{p:.3g}"
 
 
-def _blocks(rows: list[dict[str, Any]], reference: str, figure: Path | None) -> list[Any]:
-    from .report import Figure, Heading, Para, Table
+def _blocks(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure]) -> list[Block]:
 
     table = []
     for r in rows:
@@ -234,7 +243,7 @@ def _blocks(rows: list[dict[str, Any]], reference: str, figure: Path | None) -> 
                       f"{r['train_seconds']:.0f}"))
     tests = {r["test"] for r in rows if "test" in r}
     evaluated = {r.get("evaluated_on", "test") for r in rows}
-    blocks: list[Any] = [
+    blocks: list[Block] = [
         Heading(1, f"Chain comparison (same target test images; p against {reference})"),
         Table(("chain", "stages", "train images per stage", "classes", "test AUC (95% CI)",
                "AUC mean +/- SD over repeats", "accuracy", "n test", f"p vs {reference}", "training time (s)"),
@@ -246,22 +255,19 @@ def _blocks(rows: list[dict[str, Any]], reference: str, figure: Path | None) -> 
              "representative repeat; training time sums every repeat. Each chain's own run directory holds its "
              "full report (`report.html`)."),
     ]
-    if figure is not None:
-        blocks.append(Figure(figure, "Target ROC curves of every chain (macro average), with AUC and 95% CI."))
-    return blocks
+    return blocks + list(figures)
 
 
-def render(rows: list[dict[str, Any]], reference: str, figure: Path | None = None, out_dir: Path = Path(".")) -> str:
-    """``comparison.md``; :func:`render_html` gives the same as a self-contained ``comparison.html``."""
-    from .report import render_markdown
-
-    return render_markdown(_blocks(rows, reference, figure), out_dir)
-
-
-def render_html(rows: list[dict[str, Any]], reference: str, figure: Path | None = None) -> str:
-    from .report import render_html as html
-
-    return html(_blocks(rows, reference, figure), "mltl chain comparison")
+def render(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure] = (),
+           out_dir: Path = Path(".")) -> str:
+    """``comparison.md``: the table of ``rows``, then ``figures`` (linked relative to ``out_dir``);
+    :func:`render_html` gives the same as a self-contained ``comparison.html``."""
+    return render_markdown(_blocks(rows, reference, figures), out_dir)
 
 
-__all__ = ["Comparison", "chains", "compare", "render"]
+def render_html(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure] = ()) -> str:
+    """``comparison.html``: :func:`render`'s content with the figures embedded."""
+    return report.render_html(_blocks(rows, reference, figures), "mltl chain comparison")
+
+
+__all__ = ["ChainScores", "Comparison", "chains", "compare", "render", "render_html", "write_comparison"]

@@ -19,7 +19,6 @@ import itertools
 import json
 import math
 import re
-import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -29,10 +28,7 @@ import attrs
 from .errors import ConfigError, UserError, did_you_mean
 from .network import HeadSpec
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
 

@@ -57,8 +57,9 @@ from typing import Any
 import attrs
 import numpy as np
 
-from .domain import SPLITS, Domain
+from .domain import SPLITS, Domain, make_splits
 from .errors import UserError
+from .plan import domain_key, partition, plan_stage
 
 MAX_HAMMING = 8
 """Candidate near duplicates: perceptual hashes at most this many bits apart (of 64)."""
@@ -215,40 +216,11 @@ class _Unit:
         return self.partition != "train"
 
 
-def _split_partition(domain: Domain, *, val: float, test: float, seed: int, min_per_class: int,
-                     where: str) -> np.ndarray:
-    from .domain import make_splits
-
-    splits = make_splits(domain, val=val, test=test, seed=seed, min_per_class=min_per_class, where=where)
-    part = np.full(len(domain), "", dtype=object)
-    for s, idx in splits.items():
-        part[idx] = s
-    return part
-
-
 def stage_partition(config: Any, index: int, cfg: Any, domain: Domain) -> tuple[np.ndarray, str]:
-    """The split a run makes for stage ``index`` (variant ``cfg``) on ``domain``, as ``chain`` makes it:
-    the holdout (or ``split.file``) assignment, or the k-fold test folds."""
-    from .domain import kfold_assignment
-    from .protocols import resolve_protocol, splits_from_file
-
-    sp = cfg.split
-    key = f"stages[{index}]"
-    where = f"{config.source}: {key} ({cfg.domain.plugin}): "
-    protocol = resolve_protocol(sp, last=index == len(config.stages) - 1, domain=domain, key=f"{key}.split",
-                                source=config.source)
-    seed = config.run.seed if sp.seed is None else sp.seed
-    if sp.file is not None:
-        splits = splits_from_file(domain, sp.file, where)
-        part = np.full(len(domain), "", dtype=object)
-        for s, idx in splits.items():
-            part[idx] = s
-        return part, protocol
-    if protocol == "kfold":
-        fold = kfold_assignment(domain, sp.folds, seed=seed, where=where)
-        return np.array([f"fold-{f + 1}" for f in fold], dtype=object), protocol
-    return _split_partition(domain, val=sp.val, test=sp.test, seed=seed, min_per_class=sp.min_per_class,
-                            where=where), protocol
+    """The split a run makes for stage ``index`` (variant ``cfg``) on ``domain`` (:func:`mltl.plan.partition`),
+    and the stage's protocol."""
+    plan = plan_stage(config, index, domain, cfg)
+    return partition(plan, domain, cfg), plan.protocol
 
 
 def _domain_unit(domain: Domain, *, stage: str, index: int, key: str) -> _Unit:
@@ -257,15 +229,13 @@ def _domain_unit(domain: Domain, *, stage: str, index: int, key: str) -> _Unit:
                  pixel_hashes=[_pixel_hash(img) for img in domain.images])
 
 
-def _group_domains(config: Any, domains: dict[str, Domain]) -> dict[str, Domain]:
+def apply_duplicate_groups(config: Any, domains: dict[str, Domain]) -> dict[str, Domain]:
     """Domains of stages with ``split.group_near_duplicates``: Domain.groups merged with duplicate groups."""
-    from .chain import _domain_cache_key
-
     out = dict(domains)
     done: set[str] = set()
     for stage in config.stages:
         for _, cfg in stage.variants:
-            k = _domain_cache_key(cfg)
+            k = domain_key(cfg)
             if getattr(cfg.split, "group_near_duplicates", False) and k not in done and k in out:
                 out[k] = attrs.evolve(out[k], groups=near_duplicate_groups(out[k]))
                 done.add(k)
@@ -274,14 +244,12 @@ def _group_domains(config: Any, domains: dict[str, Domain]) -> dict[str, Domain]
 
 def _config_units(config: Any, domains: dict[str, Domain]) -> tuple[list[_Unit], list[dict[str, Any]]]:
     """One unit per stage (and per distinct domain of a swept domain), with the run's partition."""
-    from .chain import _domain_cache_key
-
     units, problems = [], []
     features: dict[str, _Unit] = {}
     for i, stage in enumerate(config.stages):
         seen_keys: set[str] = set()
         for _, cfg in stage.variants:
-            k = _domain_cache_key(cfg)
+            k = domain_key(cfg)
             if k in seen_keys or k not in domains:
                 continue
             seen_keys.add(k)
@@ -527,8 +495,10 @@ def check_folder(root: str | Path, *, classes: Sequence[str] | None = None, val:
         if group_near_duplicates:
             stub = attrs.evolve(stub, groups=_groups_from_unit(unit))
         try:
-            unit.partition = _split_partition(stub, val=val, test=test, seed=seed, min_per_class=1,
-                                              where=f"{base}: ")
+            splits = make_splits(stub, val=val, test=test, seed=seed, min_per_class=1, where=f"{base}: ")
+            unit.partition = np.full(len(stub), "", dtype=object)
+            for split, idx in splits.items():
+                unit.partition[idx] = split
         except UserError as exc:
             unit.split_error = str(exc)
             problems.append({"kind": "split", "stage": "", "message": str(exc)})
@@ -579,20 +549,14 @@ def _odd_sizes(files: list[_FileInfo]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- config check and the run's audit
 
 
-def check_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Audit every stage's domain of a config, with the splits the run would make."""
-    from .chain import _domain_cache_key, validate
-    from .config import load_config
-    from .plugins import get_registry
-
-    config = load_config(path, list(overrides))
-    registry = get_registry()
-    validate(config, registry)
+def check_config(config: Any, registry: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Audit every stage's domain of a config (already checked by :func:`mltl.preflight.validate`), with the
+    splits the run would make (:mod:`mltl.plan`); ``overrides`` are recorded in the report."""
     domains: dict[str, Domain] = {}
     problems: list[dict[str, Any]] = []
     for i, stage in enumerate(config.stages):
         for _, cfg in stage.variants:
-            k = _domain_cache_key(cfg)
+            k = domain_key(cfg)
             if k in domains:
                 continue
             try:
@@ -601,7 +565,7 @@ def check_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, A
                                              extra={"image_size": config.input.size})
             except UserError as exc:
                 problems.append({"kind": "unreadable", "stage": stage.name, "message": str(exc)})
-    domains = _group_domains(config, domains)
+    domains = apply_duplicate_groups(config, domains)
     units, split_problems = _config_units(config, domains)
     problems += split_problems
     warnings: list[dict[str, Any]] = []
@@ -614,7 +578,7 @@ def check_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, A
     problems += [p for p in _leak_problems(units, analysis)]
     for item in _exact_problems(analysis):
         (problems if item["kind"] == "conflicting-labels" else warnings).append(item)
-    return _report("config", str(path), [_unit_summary(u) for u in units], units, analysis, problems, warnings,
+    return _report("config", config.source, [_unit_summary(u) for u in units], units, analysis, problems, warnings,
                    settings={"overrides": list(overrides)})
 
 
@@ -626,7 +590,7 @@ def audit_leakage(config: Any, domains: dict[str, Domain]) -> dict[str, Domain]:
     stage's splits, or joins an earlier stage's training images with a later stage's evaluated ones,
     unless that (later) stage's ``split.allow_leakage`` is true.
     """
-    domains = _group_domains(config, domains)
+    domains = apply_duplicate_groups(config, domains)
     units, _ = _config_units(config, domains)  # a split that cannot be made fails later, with its own message
     units = [u for u in units if u.partition is not None]
     analysis = _analyse(units)

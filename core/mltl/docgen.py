@@ -133,7 +133,10 @@ def render_hooks() -> str:
     out.append("## Hooks\n")
     out.append("| hook | called |\n|---|---|")
     for name, fn in specs:
-        when = "once, when the registry is built" if name.startswith("register_") else "during a run, in every plugin"
+        when = ("once, when the registry is built" if name.startswith("register_") else
+                "when a comparison is written, in every plugin" if name == "mltl_comparison_figures" else
+                "when a report is written (after a run, and by `mltl report`), in every plugin"
+                if name.startswith("mltl_report_") else "during a run, in every plugin")
         out.append(f"| [`{name}`](#{name}) | {when} |")
     out.append("")
     for name, fn in specs:

@@ -32,9 +32,9 @@ import attrs
 import torch
 from torch import nn
 
-from . import __version__
 from .errors import UserError
-from .rundir import write_bytes_atomic, write_text_atomic
+from .rundir import StageFiles, write_bytes_atomic, write_text_atomic
+from .version import __version__
 
 log = logging.getLogger("mltl.export")
 
@@ -49,7 +49,7 @@ ONNX_OPSET = 18
 class ProbabilityModel(nn.Module):
     """A trained network wrapped for deployment: uint8 ``(N, C, H, W)`` in, softmax probabilities out.
 
-    The normalisation is the training loop's own (:func:`mltl.train._normalise`), written out so the
+    The normalisation is the training loop's own (:func:`mltl.normalise`), written out so the
     exported graph holds two constants instead of a call into mltl.
     """
 
@@ -77,8 +77,8 @@ class ExportResult:
 
 def export_metadata(stage: Any) -> dict[str, Any]:
     """Everything a deployment needs to turn a file into the model's input, and to read its output."""
-    info = json.loads((stage.path / "model.json").read_text())
-    weights = stage.path / "model.safetensors"
+    info = json.loads(StageFiles(stage.path).model_json.read_text())
+    weights = StageFiles(stage.path).model
     inp = stage.input
     return {
         "mltl_export": METADATA_VERSION,

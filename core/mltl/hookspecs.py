@@ -21,6 +21,11 @@ and the values against its annotations where they are plain types (``int``, ``fl
 The ``mltl_*`` event hooks are called while a chain runs, in every installed plugin, for loggers and
 trackers. Reporters chosen in the config receive the same events as methods (see
 :mod:`mltl.reporting`). Under ``torchrun`` both are called in the rank-0 process only, once per run.
+
+The ``mltl_report_*`` and ``mltl_comparison_*`` hooks are asked, in every plugin, what to add to the run
+report and to ``mltl compare``'s comparison; they answer with blocks (:class:`mltl.Heading`,
+:class:`mltl.Para`, :class:`mltl.Table`, :class:`mltl.Figure`) that mltl renders as markdown and HTML.
+A plugin shows what its reporters wrote without the core knowing their files.
 """
 
 from __future__ import annotations
@@ -35,8 +40,12 @@ hookimpl = pluggy.HookimplMarker("mltl")
 def register_domains(register):
     """Provide labelled image sources.
 
-    ``register(name, factory)``: ``factory(**options) -> mltl.Domain``. The options are the keys of the
-    stage's ``domain`` table other than ``plugin``.
+    ``register(name, factory, description="", *, read_file=None, suffixes=None)``:
+    ``factory(**options) -> mltl.Domain``. The options are the keys of the stage's ``domain`` table other
+    than ``plugin``. ``read_file(path, **options) -> uint8 (H, W) or (C, H, W)`` (optional) is how
+    ``mltl predict`` reads one new file, called with the options the stage was trained with (and
+    ``image_size`` when it takes it); ``suffixes`` (optional, with ``read_file``) are the file endings
+    it searches a folder for, ``""`` for files without one (default: the image-folder domain's).
     """
 
 
@@ -63,9 +72,16 @@ def register_freeze_policies(register):
 def register_reporters(register):
     """Provide reporters: objects told about a run as it happens (see :class:`mltl.reporting.Reporter`).
 
-    ``register(name, factory)``: ``factory(**options) -> reporter``. A run uses the reporters named in
-    ``[run] reporters`` (default: all registered ones).
+    ``register(name, factory, description="", *, opt_in=False)``: ``factory(**options) -> reporter``. A
+    run uses the reporters named in ``[run] reporters``; by default, every registered one not marked
+    ``opt_in=True``.
     """
+
+
+@hookspec
+def mltl_run_started(config, run_dir):
+    """A run begins: ``config`` is the resolved :class:`mltl.Config` (``config.raw`` is the TOML as run, for a
+    tracker to log), ``run_dir`` the run directory (``config.toml`` and ``environment.json`` are written)."""
 
 
 @hookspec
@@ -86,3 +102,34 @@ def mltl_stage_finished(result):
 @hookspec
 def mltl_run_finished(results, run_dir):
     """The whole chain finished: ``results`` lists every stage's :class:`mltl.results.StageResult`."""
+
+
+@hookspec
+def mltl_report_stage(result):
+    """Add to a finished stage's section of the run report (``report.md``, ``report.html``).
+
+    ``result``: the stage's :class:`mltl.StageResult` (``mltl report`` rebuilds it from the run
+    directory, after replaying the reporters). Return a :class:`mltl.StageReport` (the CI shown beside
+    the test macro AUC, extra test-metric rows and summary columns, blocks, figures) or None. Called in
+    every plugin; the first CI given is shown, everything else is shown from every plugin.
+    """
+
+
+@hookspec
+def mltl_report_run(results, run_dir):
+    """Add to the run report's closing section, "Run figures".
+
+    Return a list of blocks (:class:`mltl.Figure`, :class:`mltl.Table`, :class:`mltl.Para`) or None;
+    they are shown in the order given, before any other PNG in ``run_dir``.
+    """
+
+
+@hookspec
+def mltl_comparison_figures(chains, out_dir):
+    """Draw figures for ``mltl compare`` into ``out_dir``; return them as :class:`mltl.Figure` blocks.
+
+    ``chains``: one :class:`mltl.compare.ChainScores` per compared chain, in table order: its name, the
+    target predictions it is judged on (the same images for every chain) and the 95% CI of their macro
+    AUC printed in ``comparison.md``. The figures follow the table in ``comparison.md`` and
+    ``comparison.html``.
+    """

@@ -5,16 +5,17 @@ group ``mltl``, each loaded once, lazily (the first time something asks for the 
 ``MLTL_LOAD_PLUGINS`` to a comma-separated list of distribution names to load only those (an empty value
 loads none but the built-ins). After loading, ``check_pending()`` makes a misspelled hook fail at once.
 
-Core code never calls ``pm.hook.*`` itself: it goes through :class:`Registry` and :func:`emit`.
+Core code never calls ``pm.hook.*`` itself: what plugins provide goes through :class:`Registry`, every other
+hook through the typed methods of :func:`hooks` (one method per hook of :mod:`mltl.hookspecs`).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,10 +25,7 @@ import pluggy
 from . import hookspecs
 from .errors import ConfigError, UserError, did_you_mean
 
-if sys.version_info >= (3, 10):
-    from importlib.metadata import entry_points
-else:  # pragma: no cover
-    from importlib_metadata import entry_points
+from importlib.metadata import entry_points
 
 ENTRY_POINT_GROUP = "mltl"
 KINDS = ("domain", "backbone", "freeze policy", "reporter")
@@ -35,13 +33,22 @@ KINDS = ("domain", "backbone", "freeze policy", "reporter")
 
 @attrs.frozen
 class Registered:
-    """One thing a plugin provides: its kind, name, factory, and the plugin that registered it."""
+    """One thing a plugin provides: its kind, name, factory, the plugin that registered it, and the
+    keyword arguments it was registered with.
+
+    ``read_file`` and ``suffixes`` (domains only): how ``mltl predict`` reads one new file, and which file
+    endings it searches a folder for (None: the image-folder domain's). ``opt_in`` (reporters only): used
+    only when named in ``[run] reporters``, not by default.
+    """
 
     kind: str
     name: str
     factory: Callable[..., Any]
     plugin: str
     description: str = ""
+    read_file: Callable[..., Any] | None = None
+    suffixes: frozenset[str] | None = None
+    opt_in: bool = False
 
 
 @attrs.frozen
@@ -126,7 +133,7 @@ def reset() -> None:
 
 def plugin_infos() -> list[PluginInfo]:
     """Each loaded plugin, its distribution and version, and the hooks it implements."""
-    from . import __version__
+    from .version import __version__
 
     pm = get_plugin_manager()
     infos = []
@@ -156,7 +163,9 @@ class Registry:
                 impl.function(register=self._registrar(kind, impl.plugin_name))
 
     def _registrar(self, kind: str, plugin: str) -> Callable[..., None]:
-        def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+        def register(name: str, factory: Callable[..., Any], description: str = "", *,
+                     read_file: Callable[..., Any] | None = None, suffixes: Iterable[str] | None = None,
+                     opt_in: bool | None = None) -> None:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"plugin {plugin!r} registered a {kind} without a name")
             if not callable(factory):
@@ -167,8 +176,18 @@ class Registry:
                     f'{kind} "{name}" is registered twice, by plugins "{existing.plugin}" and "{plugin}"; '
                     f"uninstall one, or restrict loading with MLTL_LOAD_PLUGINS"
                 )
+            what = f"plugin {plugin!r}, {kind} {name!r}"
+            if kind != "domain" and (read_file is not None or suffixes is not None):
+                raise TypeError(f"{what}: read_file and suffixes are for domains only")
+            if kind != "reporter" and opt_in is not None:
+                raise TypeError(f"{what}: opt_in is for reporters only")
+            if kind == "domain":
+                read_file, suffixes = _domain_reader(what, factory, read_file, suffixes)
+            if kind == "reporter" and opt_in is None:
+                opt_in = _deprecated_attribute(what, factory, "opt_in", "opt_in=True", stacklevel=3)
             description = description or (inspect.getdoc(factory) or "").split("\n")[0]
-            self._items[kind][name] = Registered(kind, name, factory, plugin, description)
+            self._items[kind][name] = Registered(kind, name, factory, plugin, description, read_file=read_file,
+                                                 suffixes=suffixes, opt_in=bool(opt_in))
 
         return register
 
@@ -211,6 +230,36 @@ class Registry:
             raise ConfigError(str(exc), key=key, source=source) from None
 
 
+def _deprecated_attribute(what: str, obj: Any, attribute: str, keyword: str, stacklevel: int) -> Any:
+    """``obj.attribute`` (None when absent), a deprecated stand-in for a registration argument; when set,
+    a :class:`DeprecationWarning` pointing ``stacklevel`` frames up, at the plugin's ``register`` call."""
+    value = getattr(obj, attribute, None)
+    if value is not None:
+        warnings.warn(f"{what}: the {attribute!r} attribute is deprecated and will stop working in the next "
+                      f"release; pass register(..., {keyword}) instead", DeprecationWarning, stacklevel=stacklevel)
+    return value
+
+
+def _domain_reader(what: str, factory: Callable[..., Any], read_file: Callable[..., Any] | None,
+                   suffixes: Iterable[str] | None) -> tuple[Callable[..., Any] | None, frozenset[str] | None]:
+    """A domain's ``read_file`` and ``suffixes`` checked, from the registration arguments or, deprecated,
+    from attributes of the factory (``factory.read_file``) and the reader (``read_file.suffixes``)."""
+    if read_file is None:
+        read_file = _deprecated_attribute(what, factory, "read_file", "read_file=...", stacklevel=4)
+    if read_file is not None and not callable(read_file):
+        raise TypeError(f"{what}: read_file must be callable, got {type(read_file).__name__}")
+    if suffixes is None and read_file is not None:
+        suffixes = _deprecated_attribute(what, read_file, "suffixes", "suffixes=(...)", stacklevel=4)
+    if suffixes is None:
+        return read_file, None
+    if read_file is None:
+        raise TypeError(f"{what}: suffixes say which files read_file reads; pass read_file too")
+    if isinstance(suffixes, str) or not all(isinstance(s, str) for s in suffixes):
+        raise TypeError(f"{what}: suffixes must be a collection of file endings such as (\".dcm\", \"\"), "
+                        f"got {suffixes!r}")
+    return read_file, frozenset(s.lower() for s in suffixes)
+
+
 def get_registry() -> Registry:
     """The registry built from every loaded plugin (built once, rebuilt after :func:`register_plugin`)."""
     global _registry
@@ -219,13 +268,59 @@ def get_registry() -> Registry:
     return _registry
 
 
-def emit(event: str, **kwargs: Any) -> None:
-    """Call a run-event hook (``mltl_stage_started`` ...) in every plugin; under torchrun on rank 0 only,
-    like the reporters (a plugin that writes a file or posts a message does it once, not once per GPU)."""
-    from . import distributed
+class Hooks:
+    """The hooks of :mod:`mltl.hookspecs` other than ``register_*``, as typed calls: the run events (every
+    plugin hears them; under torchrun on rank 0 only, so a plugin that writes a file or posts a message does
+    it once, not once per GPU) and the report hooks (each returns every plugin's non-None answer)."""
 
-    if distributed.is_writer():
-        getattr(get_plugin_manager().hook, event)(**kwargs)
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+
+    def _events(self) -> Any:
+        from . import distributed
+
+        return self._pm.hook if distributed.is_writer() else None
+
+    def run_started(self, config: Any, run_dir: Any) -> None:
+        if hook := self._events():
+            hook.mltl_run_started(config=config, run_dir=run_dir)
+
+    def stage_started(self, stage_name: str, stage_dir: Any) -> None:
+        if hook := self._events():
+            hook.mltl_stage_started(stage_name=stage_name, stage_dir=stage_dir)
+
+    def epoch_ended(self, stage_name: str, variant: str, epoch: int, metrics: dict[str, Any]) -> None:
+        if hook := self._events():
+            hook.mltl_epoch_ended(stage_name=stage_name, variant=variant, epoch=epoch, metrics=metrics)
+
+    def stage_finished(self, result: Any) -> None:
+        if hook := self._events():
+            hook.mltl_stage_finished(result=result)
+
+    def run_finished(self, results: list[Any], run_dir: Any) -> None:
+        if hook := self._events():
+            hook.mltl_run_finished(results=results, run_dir=run_dir)
+
+    def report_stage(self, result: Any) -> list[Any]:
+        return [a for a in self._pm.hook.mltl_report_stage(result=result) if a is not None]
+
+    def report_run(self, results: list[Any], run_dir: Any) -> list[Any]:
+        return [a for a in self._pm.hook.mltl_report_run(results=results, run_dir=run_dir) if a is not None]
+
+    def comparison_figures(self, chains: list[Any], out_dir: Any) -> list[Any]:
+        return [a for a in self._pm.hook.mltl_comparison_figures(chains=chains, out_dir=out_dir) if a is not None]
+
+    def register(self, plugin: object, name: str) -> None:
+        """A plugin for a while (a run's reporters); :meth:`unregister` removes it."""
+        self._pm.register(plugin, name=name)
+
+    def unregister(self, plugin: object) -> None:
+        self._pm.unregister(plugin)
+
+
+def hooks() -> Hooks:
+    """The typed hook caller of the current plugin manager."""
+    return Hooks(get_plugin_manager())
 
 
 _PLAIN_TYPES: dict[Any, tuple[type, ...]] = {

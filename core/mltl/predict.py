@@ -2,18 +2,21 @@
 
 ``model.json`` beside a stage's weights records the input size, channels and normalisation, and the
 domain it was trained on (plugin and options, e.g. a CT window). A file is read by that domain's own
-reader when its plugin provides one (a ``read_file`` attribute on the registered domain factory: DICOM
-with the stage's window, a lesion crop, ...); otherwise it is decoded as the ``image-folder`` domain
+reader when its plugin registered one (``register(name, factory, read_file=...)``: DICOM with the
+stage's window, a lesion crop, ...); otherwise it is decoded as the ``image-folder`` domain
 decodes files (same channels, same resize). Then it is prepared and normalised exactly as in training.
 
 A domain plugin gives ``mltl predict`` its reader like this::
 
     def read_my_file(path, *, image_size, window="abdomen"):   # options: those of the factory
         ...  # -> uint8 (H, W) or (C, H, W), as the domain's images
-    read_my_file.suffixes = {".dcm"}                           # optional: what a folder is searched for
 
     def my_domain(root, window="abdomen", *, image_size=64): ...
-    my_domain.read_file = read_my_file
+
+    @mltl.hookimpl
+    def register_domains(register):
+        register("my-domain", my_domain, read_file=read_my_file,
+                 suffixes=(".dcm",))                           # optional: what a folder is searched for
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import inspect
 import io
 import json
 import logging
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from .domain import prepare_images
 from .errors import UserError
 from .network import Network
 from .plugins import get_registry
+from .rundir import RunFiles, StageFiles, load_network
 from .train import predict_proba
 
 log = logging.getLogger("mltl.predict")
@@ -66,16 +71,16 @@ class TrainedStage:
 
 def _domain_reader(plugin: str | None, options: dict, image_size: int, stage_name: str
                    ) -> tuple[Callable[[Path], np.ndarray] | None, frozenset[str] | None]:
-    """The domain plugin's own file reader (``factory.read_file``), bound to the stage's options."""
+    """The domain plugin's own file reader (registered as ``read_file``), bound to the stage's options."""
     if plugin is None:
         return None, None
     try:
-        factory = get_registry().get("domain", plugin).factory
+        item = get_registry().get("domain", plugin)
     except UserError:
         log.warning("stage %s was trained on domain %r, which is not installed here; new files are decoded as "
                     "the image-folder domain does (install that plugin for its own preprocessing)", stage_name, plugin)
         return None, None
-    reader = getattr(factory, "read_file", None)
+    reader = item.read_file
     if reader is None:
         return None, None
     params = inspect.signature(reader).parameters
@@ -96,26 +101,39 @@ def _domain_reader(plugin: str | None, options: dict, image_size: int, stage_nam
             raise TypeError(f"{plugin}: read_file returned {arr.dtype} {arr.shape}, not uint8 (H, W) or (C, H, W)")
         return arr
 
-    suffixes = getattr(reader, "suffixes", None)
-    return read, (frozenset(s.lower() for s in suffixes) if suffixes is not None else None)
+    return read, item.suffixes
+
+
+def last_finished_stage(run_dir: Path) -> StageFiles:
+    """The last stage, in the chain's order (``config.toml``), that has a model: what ``mltl predict RUN_DIR``
+    and ``mltl export RUN_DIR`` serve. File times do not decide (a resume may repair an earlier stage)."""
+    run = RunFiles(run_dir)
+    if not run.config.is_file():
+        raise UserError(f"{run_dir}: neither a stage directory (no {StageFiles.MODEL_JSON}) nor a run directory "
+                        f"(no {run.config.name}); name a stage directory, e.g. runs/<name>/target")
+    try:
+        names = [s["name"] for s in tomllib.loads(run.config.read_text())["stages"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{run.config}: damaged ({exc}); name a stage directory instead, e.g. "
+                        f"{run_dir}/target") from None
+    finished = [run.stage(n) for n in names if run.stage(n).model_json.is_file()]
+    if not finished:
+        raise UserError(f"{run_dir}: no stage of this run has finished (none of {', '.join(names)} holds "
+                        f"{StageFiles.MODEL_JSON})")
+    return finished[-1]
 
 
 def load_stage(path: str | Path) -> TrainedStage:
     """``RUN_DIR/STAGE``, or ``RUN_DIR`` for its last finished stage."""
-    from .chain import _load_network
-
     path = Path(path)
-    if not (path / "model.json").is_file():
-        stages = [p for p in sorted(path.glob("*/model.json"), key=lambda p: p.stat().st_mtime)]
-        if not stages:
-            raise UserError(f"{path}: neither a stage directory (no model.json) nor a run directory with a finished stage")
-        path = stages[-1].parent
+    files = StageFiles(path) if StageFiles(path).model_json.is_file() else last_finished_stage(path)
+    path = files.root
     try:
-        info = json.loads((path / "model.json").read_text())
+        info = json.loads(files.model_json.read_text())
         inp = InputConfig(**info["input"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path / 'model.json'}: damaged ({exc})") from None
-    net = _load_network(path / "model.safetensors", get_registry())
+        raise UserError(f"{files.model_json}: damaged ({exc})") from None
+    net = load_network(files.model, get_registry())
     domain = info.get("domain", {})
     options = domain.get("options", {})
     read, suffixes = _domain_reader(domain.get("plugin"), options, inp.size, path.name)

@@ -23,7 +23,6 @@ the pooled out-of-fold predictions (``oof_predictions.csv``).
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,8 @@ from .config import SplitConfig
 from .domain import SPLITS, Domain
 from .errors import ConfigError, UserError
 from .metrics import classification_metrics
+from .results import Predictions
+from .rundir import StageFiles, predictions_csv
 
 AUTO_KFOLD_BELOW = 2000
 
@@ -123,32 +124,22 @@ def _spread(values: list[float]) -> dict[str, Any]:
             "n": int(len(arr)), "values": [float(v) for v in arr]}
 
 
-def _pooled(repeats_dir: Path, repeats: list[Repeat]) -> tuple[dict[str, Any], str]:
-    """Every fold's test predictions together (each image once) and their metrics."""
-    out = io.StringIO()
-    writer = None
-    labels, probs, classes = [], [], None
-    for rep in repeats:
-        with open(repeats_dir / rep.label / "predictions.csv", newline="") as f:
-            reader = csv.DictReader(f)
-            if classes is None:
-                classes = tuple(c[2:] for c in reader.fieldnames if c.startswith("p_"))
-            if writer is None:
-                writer = csv.DictWriter(out, fieldnames=["fold", *reader.fieldnames], lineterminator="\n")
-                writer.writeheader()
-            for row in reader:
-                if row["split"] != "test":
-                    continue
-                writer.writerow({"fold": rep.fold + 1, **row})
-                labels.append(classes.index(row["label"]))
-                probs.append([float(row[f"p_{c}"]) for c in classes])
-    m = classification_metrics(np.asarray(labels), np.asarray(probs), classes)
+def _pooled(tests: list[tuple[Repeat, Predictions]]) -> tuple[dict[str, Any], str]:
+    """Every fold's test predictions together (each image once), as ``oof_predictions.csv``, and their metrics."""
+    lines: list[str] = []
+    for rep, pred in tests:
+        header, *rows = predictions_csv([pred]).rstrip("\n").split("\n")
+        lines += [] if lines else [f"fold,{header}"]
+        lines += [f"{rep.fold + 1},{row}" for row in rows]
+    labels = np.concatenate([pred.labels for _, pred in tests])
+    probs = np.concatenate([pred.probs for _, pred in tests])
+    m = classification_metrics(labels, probs, tests[0][1].classes)
     return {"auc_macro": m["auc_macro"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
-            "n": m["n"], "file": "oof_predictions.csv"}, out.getvalue()
+            "n": m["n"], "file": StageFiles.OOF_PREDICTIONS}, "".join(line + "\n" for line in lines)
 
 
-def summarise_repeats(protocol: str, rows: list[dict[str, Any]], repeats_dir: Path,
-                      repeats: list[Repeat]) -> dict[str, Any]:
+def summarise_repeats(protocol: str, rows: list[dict[str, Any]], repeats: list[Repeat],
+                      tests: list[Predictions]) -> dict[str, Any]:
     """The ``protocol`` section of a repeated stage's metrics.json (see the module docstring)."""
     headline = rows
     representative = repeats[0].label
@@ -168,5 +159,5 @@ def summarise_repeats(protocol: str, rows: list[dict[str, Any]], repeats_dir: Pa
     for m in ("auc_macro", "accuracy", "balanced_accuracy"):
         summary[m] = _spread([r[m] for r in headline])
     if protocol == "kfold":
-        summary["pooled"], summary["pooled_csv"] = _pooled(repeats_dir, repeats)
+        summary["pooled"], summary["pooled_csv"] = _pooled(list(zip(repeats, tests)))
     return summary

@@ -29,7 +29,14 @@ import attrs
 import numpy as np
 import torch
 
-from .errors import UserError
+from .config import Config, load_config
+from .datacheck import apply_duplicate_groups
+from .domain import prepare_images
+from .errors import UserError, did_you_mean
+from .plan import load_domains, plan_stage
+from .plugins import get_registry
+from .protocols import Repeat
+from .rundir import StageFiles, load_network
 
 # ---------------------------------------------------------------- LogME
 
@@ -120,20 +127,18 @@ def find_candidates(paths: list[str]) -> list[tuple[str, Path]]:
             continue
         if not p.is_dir():
             raise UserError(f"mltl rank: {arg} is neither a model.safetensors file nor a run or stage directory")
-        stage_dirs = [p] if (p / "model.safetensors").is_file() else sorted(
-            d for d in p.iterdir() if d.is_dir() and (d / "model.safetensors").is_file())
-        if not stage_dirs:
-            raise UserError(f"mltl rank: {arg} holds no model.safetensors (a finished stage, or a run directory "
+        stages = [StageFiles(p)] if StageFiles(p).model.is_file() else [
+            StageFiles(d) for d in sorted(p.iterdir()) if d.is_dir() and StageFiles(d).model.is_file()]
+        if not stages:
+            raise UserError(f"mltl rank: {arg} holds no {StageFiles.MODEL} (a finished stage, or a run directory "
                             f"with finished stages)")
-        for d in stage_dirs:
-            out.append((str(d), d / "model.safetensors"))
-            selected = (d / "model.safetensors").read_bytes()
-            variants = d / "variants"
-            if variants.is_dir():
-                for v in sorted(variants.iterdir()):
-                    # every variant but the selected one (whose weights the stage directory already holds)
-                    if (v / "model.safetensors").is_file() and (v / "model.safetensors").read_bytes() != selected:
-                        out.append((str(v), v / "model.safetensors"))
+        for stage in stages:
+            out.append((str(stage.root), stage.model))
+            selected = stage.model.read_bytes()
+            for v in stage.variants():
+                # every variant but the selected one (whose weights the stage directory already holds)
+                if v.model.is_file() and v.model.read_bytes() != selected:
+                    out.append((str(v.root), v.model))
     return out
 
 
@@ -141,16 +146,34 @@ def find_candidates(paths: list[str]) -> list[tuple[str, Path]]:
 def extract_features(net, x: torch.Tensor, inp, *, features: str = "classifier-input",
                      batch_size: int = 256) -> np.ndarray:
     """The input of ``net``'s classifier (or its trunk output) for uint8 images ``x``, in eval mode."""
-    from .train import _normalise
+    from .train import normalise
 
     net.eval()
     outs = []
     for chunk in x.split(batch_size):
-        h = net.trunk(_normalise(chunk, inp))
+        h = net.trunk(normalise(chunk, inp))
         if features == "classifier-input":
             h = net.head[:-1](h)
         outs.append(h.float().flatten(1).cpu())
     return torch.cat(outs).double().numpy()
+
+
+def training_split(config: Config, stage: str | None = None) -> tuple[Any, Any, np.ndarray, str]:
+    """The images ``mltl rank`` scores on: the training split the run itself makes of ``stage`` (default the
+    last), from its own domain with near-duplicate groups merged where the config asks (:mod:`mltl.plan`):
+    the holdout (or ``split.file``) training split, or fold 1's under k-fold. Returns the stage, its domain,
+    the indices and the stage's protocol."""
+    names = [s.name for s in config.stages]
+    index = len(config.stages) - 1 if stage is None else next((i for i, s in enumerate(config.stages)
+                                                                if s.name == stage), None)
+    if index is None:
+        raise UserError(f'mltl rank: {config.source} has no stage "{stage}"{did_you_mean(stage, names)}')
+    target = config.stages[index]
+    single = attrs.evolve(config, stages=(target,))
+    domain = next(iter(apply_duplicate_groups(single, load_domains(single, get_registry())).values()))
+    plan = plan_stage(config, index, domain)
+    rep = plan.repeats[0] if plan.protocol == "kfold" else Repeat(label="")
+    return target, domain, plan.split(domain, target.first, rep)["train"], plan.protocol
 
 
 def rank(config, candidates: list[str], *, stage: str | None = None, device: str = "cpu",
@@ -158,42 +181,20 @@ def rank(config, candidates: list[str], *, stage: str | None = None, device: str
     """Score each candidate on the training split of ``stage`` (default the last) of ``config``; best first.
 
     Returns the ranking and a description of the data (stage, domain, images, classes)."""
-    from .chain import _load_network, load_domains
-    from .config import Config, load_config
-    from .domain import make_splits, prepare_images
-    from .plugins import get_registry
-
     if features not in ("classifier-input", "trunk"):
         raise UserError(f'mltl rank: --features must be "classifier-input" or "trunk", not "{features}"')
     if not isinstance(config, Config):
         config = load_config(config)
-    names = [s.name for s in config.stages]
-    target = config.stages[-1] if stage is None else next((s for s in config.stages if s.name == stage), None)
-    if target is None:
-        from .errors import did_you_mean
-
-        raise UserError(f'mltl rank: {config.source} has no stage "{stage}"{did_you_mean(stage, names)}')
+    target, domain, idx, protocol = training_split(config, stage)
     cfg = target.first
     registry = get_registry()
-    single = attrs.evolve(config, stages=(target,))
-    domain = next(iter(load_domains(single, registry).values()))
-    splits = make_splits(domain, val=cfg.split.val, test=cfg.split.test,
-                         seed=config.run.seed if cfg.split.seed is None else cfg.split.seed,
-                         min_per_class=cfg.split.min_per_class, where=f"{config.source}: {target.name}: ")
-    idx = splits["train"]
-    try:  # how the chain evaluates this stage (the protocols module may be absent in a trimmed install)
-        from .protocols import resolve_protocol
-
-        protocol = resolve_protocol(cfg.split, last=target is config.stages[-1], domain=domain, key="", source="")
-    except ImportError:  # pragma: no cover
-        protocol = "holdout"
     dev = torch.device(device)
     x = prepare_images(domain.images[idx], size=config.input.size, channels=config.input.channels).to(dev)
     y = domain.labels[idx]
     found = find_candidates(candidates)
     rows = []
     for label, path in found:
-        net = _load_network(path, registry)
+        net = load_network(path, registry)
         spec = net.spec
         if (spec["in_chans"], spec["image_size"]) != (config.input.channels, config.input.size):
             raise UserError(f"mltl rank: {path} was trained on {spec['in_chans']}-channel {spec['image_size']} px "
@@ -204,7 +205,8 @@ def rank(config, candidates: list[str], *, stage: str | None = None, device: str
                            score=logme(f, y)))
     rows.sort(key=lambda r: -r.score)
     info = {"stage": target.name, "domain": cfg.domain.plugin, "images": int(len(idx)),
-            "classes": list(domain.classes), "features": features, "split": "train (holdout)",
+            "classes": list(domain.classes), "features": features,
+            "split": "train (fold 1)" if protocol == "kfold" else "train (holdout)",
             "protocol": protocol}
     return rows, info
 

@@ -68,3 +68,34 @@ class StageResult:
     test: Predictions
     metrics: dict[str, Any]
     selection: dict[str, Any] | None = None
+
+
+@attrs.frozen(eq=False)
+class Candidate:
+    """One variant of a stage's sweep: how it scored on validation, or why it was skipped.
+
+    ``selection.json`` lists every candidate of a sweep (losers are never evaluated on test)."""
+
+    variant: str
+    selection_value: float | None = None
+    val: dict[str, Any] | None = None  # validation metrics (mltl.metrics.classification_metrics)
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    frozen: tuple[str, ...] = ()
+    train_seconds: float | None = None
+    skipped: str | None = None  # e.g. "C1-C3" on a network with two convolutions
+
+    def to_json(self) -> dict[str, Any]:
+        if self.skipped is not None:
+            return {"variant": self.variant, "skipped": self.skipped}
+        return {"variant": self.variant, "selection_value": self.selection_value, "val": self.val,
+                "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "frozen": list(self.frozen),
+                "train_seconds": self.train_seconds}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Candidate:
+        if "skipped" in d:
+            return cls(variant=d["variant"], skipped=d["skipped"])
+        return cls(variant=d["variant"], selection_value=d["selection_value"], val=d["val"],
+                   best_epoch=d["best_epoch"], epochs_run=d["epochs_run"], frozen=tuple(d["frozen"]),
+                   train_seconds=d["train_seconds"])

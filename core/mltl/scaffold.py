@@ -58,7 +58,7 @@ name = "{dist}"
 version = "0.1.0"
 description = "mltl plugin: the {name} domain"
 readme = "README.md"
-requires-python = ">=3.10"
+requires-python = ">=3.11"
 dependencies = ["mltl>={mltl_version},<{mltl_next}", "numpy", "pillow"]
 
 [project.optional-dependencies]
@@ -107,9 +107,6 @@ def read_file(path: Path, *, channels: int = 1, size: int | None = None, image_s
     return arr if channels == 1 else arr.transpose(2, 0, 1)
 
 
-read_file.suffixes = SUFFIXES  # what `mltl predict` looks for in a folder
-
-
 def load_{func}(root: str, channels: int = 1, size: int | None = None, *, image_size: int = 64) -> mltl.Domain:
     """{name}: a folder with one sub-folder of images per class."""
     base = Path(root).expanduser()
@@ -134,12 +131,10 @@ def load_{func}(root: str, channels: int = 1, size: int | None = None, *, image_
                        description=f"{name} images from {{base}}")
 
 
-load_{func}.read_file = read_file  # `mltl predict` reads new files with it
-
-
 @mltl.hookimpl
 def register_domains(register):
-    register("{name}", load_{func})
+    # `mltl predict` reads new files with read_file, searching folders for files ending in SUFFIXES
+    register("{name}", load_{func}, read_file=read_file, suffixes=SUFFIXES)
 '''
 
 TEST = '''"""Tests of the {name} plugin: run with `pytest` after `pip install .`"""
@@ -152,7 +147,7 @@ import pytest
 from PIL import Image
 
 import mltl
-from mltl.plugins import get_registry
+from mltl import get_registry
 
 
 @pytest.fixture
@@ -247,7 +242,7 @@ def scaffold(name: str, directory: str | Path | None = None) -> Path:
 
     ``directory`` is where the package folder ``mltl-NAME`` is created (default: the current folder).
     """
-    from . import __version__
+    from .version import __version__
 
     check_name(name)
     owner = _taken(name)

@@ -12,6 +12,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -55,7 +58,8 @@ class FitResult:
     seconds: float
 
 
-def _normalise(x: torch.Tensor, inp: InputConfig) -> torch.Tensor:
+def normalise(x: torch.Tensor, inp: InputConfig) -> torch.Tensor:
+    """uint8 images ``x`` as the float input the network was trained on: ``(x / 255 - mean) / std``."""
     scale = 1.0 / (255.0 * inp.std)
     return x.float().mul_(scale).sub_(inp.mean / inp.std)
 
@@ -124,7 +128,7 @@ def predict_proba(net: nn.Module, x: torch.Tensor, inp: InputConfig, batch_size:
     dev = x.device
     outs = []
     for chunk in (x.chunks(batch_size) if is_streamed(x) else x.split(batch_size)):
-        xb = _normalise(chunk, inp)
+        xb = normalise(chunk, inp)
         if dev.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -144,8 +148,42 @@ class Interrupted(Exception):
         super().__init__(f"interrupted; checkpoint saved to {checkpoint}" if checkpoint else "interrupted")
 
 
-#: set by the chain runner's signal handlers; the loop checks it at the end of every epoch
+#: set by :class:`StopOnSignal`'s handlers; the loop checks it at the end of every epoch
 stop_requested = False
+
+
+def checkpoint_seconds() -> float:
+    """Seconds between training checkpoints (``MLTL_CHECKPOINT_SECONDS``, default 60; 0 = every epoch)."""
+    try:
+        return float(os.environ.get("MLTL_CHECKPOINT_SECONDS", "60"))
+    except ValueError:
+        raise UserError("MLTL_CHECKPOINT_SECONDS must be a number of seconds") from None
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask the training loop to save a checkpoint and stop (a second SIGINT stops at once)."""
+
+    def __enter__(self) -> StopOnSignal:
+        global stop_requested
+        stop_requested = False
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        global stop_requested
+        if stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        global stop_requested
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        stop_requested = False
 
 
 def _checkpoint_state(epoch, net, opt, sched, gen, best, history) -> dict[str, Any]:
@@ -275,7 +313,7 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
             if aug is not None:
                 xb = augment.apply(xb, aug_spec, aug, rows,
                                    (slice(i, j), slice(ddp.rank, None, ddp.world_size)) if ddp.active else None)
-            xb = _normalise(xb, inp)
+            xb = normalise(xb, inp)
             yb = train.y[idx]
             if cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)

@@ -30,9 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from mltl import Domain, UserError
-from mltl.images import is_dicom_file
-from mltl.privacy import pseudonym, resolve_salt
+from mltl import Domain, UserError, is_dicom_file, pseudonym, resolve_salt
 
 from .sources import labelled_entries, walk_files
 from .windows import apply_windows, parse_windows, resize_hu

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltl import Domain, UserError
-from mltl.privacy import pseudonym, resolve_salt
+from mltl import Domain, UserError, pseudonym, resolve_salt
 
 from .sources import labelled_entries
 from .windows import apply_windows, parse_windows, resize_hu

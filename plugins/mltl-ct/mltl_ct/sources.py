@@ -8,9 +8,7 @@ from pathlib import Path
 
 import attrs
 
-from mltl import UserError
-from mltl.builtins import class_folders
-from mltl.manifest import read_manifest
+from mltl import UserError, class_folders, read_manifest
 
 
 def walk_files(folder: Path) -> list[Path]:

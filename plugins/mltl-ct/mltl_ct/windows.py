@@ -36,8 +36,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from mltl import UserError
-from mltl.errors import did_you_mean
+from mltl import UserError, did_you_mean
 
 from .phantom import apply_window
 

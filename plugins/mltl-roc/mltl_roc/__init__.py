@@ -1,14 +1,18 @@
 """Evaluation reporting for mltl: ROC curves with bootstrap confidence intervals, the full test
 evaluation recomputed from ``predictions.csv`` (micro / macro / per-class AUC, sensitivity and
 specificity, case-level AUC, calibration), training and learning curves, Grad-CAM overlays, and a
-JSON-lines metrics log; an opt-in TensorBoard reporter where tensorboard is installed. See :mod:`mltl_roc.roc`, :mod:`mltl_roc.evaluation`, :mod:`mltl_roc.figures` and
-:mod:`mltl_roc.gradcam` for the arithmetic and the figures, ``docs/evaluation.md`` for what is reported."""
+JSON-lines metrics log; an opt-in TensorBoard reporter where tensorboard is installed. What the reporters
+wrote is shown in the run report and in ``mltl compare``'s comparison through the report hooks
+(:mod:`mltl_roc.sections`). See :mod:`mltl_roc.roc`, :mod:`mltl_roc.evaluation`, :mod:`mltl_roc.figures`
+and :mod:`mltl_roc.gradcam` for the arithmetic and the figures, ``docs/evaluation.md`` for what is
+reported."""
 
 from __future__ import annotations
 
 from mltl import hookimpl
 
 from .reporter import EvaluationReporter, GradCamReporter, MetricsLogReporter, RocReporter
+from .sections import mltl_comparison_figures, mltl_report_run, mltl_report_stage  # noqa: F401 (report hooks)
 
 
 @hookimpl
@@ -22,4 +26,4 @@ def register_reporters(register):
 
     if tensorboard.available():  # opt-in: name it in [run] reporters
         register("tensorboard", tensorboard.TensorBoardReporter,
-                 "TensorBoard scalars (training curves, test metrics) in RUN_DIR/tensorboard; opt-in")
+                 "TensorBoard scalars (training curves, test metrics) in RUN_DIR/tensorboard; opt-in", opt_in=True)

@@ -2,7 +2,7 @@
 
 Everything here is computed from ``(labels, probs)`` (and case keys), the columns of a stage's
 ``predictions.csv``, with scikit-learn doing the metric arithmetic, so anyone can recompute every number
-from that file. Conventions follow :mod:`mltl_roc.roc`: one-vs-rest per class, classes absent from the
+from that file. Conventions follow :mod:`mltl.stats`: one-vs-rest per class, classes absent from the
 test split left out of macro averages, and a two-class problem's AUC is that of column 1.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, brier_score_loss, confusion_matrix,
                              multilabel_confusion_matrix, roc_auc_score)
 
-from .roc import _as_arrays, bootstrap_auc_ci, macro_auc
+from mltl import bootstrap_auc_ci, check_scores, macro_auc
 
 __all__ = ["image_metrics", "case_level", "calibration", "CASE_AGGREGATES", "N_BINS"]
 
@@ -33,7 +33,7 @@ def image_metrics(labels: Any, probs: Any, classes: Sequence[str]) -> dict[str, 
     """Per-image test metrics: ROC AUC (macro, micro, per class), accuracy, balanced accuracy,
     sensitivity / specificity / positive predictive value per class, and the confusion matrix.
 
-    * ``auc_macro``: :func:`mltl_roc.roc.macro_auc` (as ``metrics.json``).
+    * ``auc_macro``: :func:`mltl.macro_auc` (as ``metrics.json``).
     * ``auc_micro``: ``roc_auc_score(onehot, probs, average="micro")``, every (image, class) pair pooled;
       for two classes the same as the binary AUC when rows sum to one.
     * ``auc_per_class``: one-vs-rest ``roc_auc_score(labels == k, probs[:, k])`` for each present class.
@@ -42,7 +42,7 @@ def image_metrics(labels: Any, probs: Any, classes: Sequence[str]) -> dict[str, 
       NaN when undefined (no positives, or no negatives).
     AUCs are NaN when fewer than two classes are present.
     """
-    labels, probs = _as_arrays(labels, probs)
+    labels, probs = check_scores(labels, probs)
     classes = [str(c) for c in classes]
     k = probs.shape[1]
     if len(classes) != k:
@@ -86,11 +86,11 @@ def case_level(groups: Sequence[str], labels: Any, probs: Any, classes: Sequence
     its images' label; a case whose images carry different labels gets the most frequent one (ties: the
     lower class index) and is counted in ``n_mixed_label_cases``. Cases are listed in order of first
     appearance. The case AUC's 95% CI is the stratified bootstrap over cases
-    (:func:`mltl_roc.roc.bootstrap_auc_ci`).
+    (:func:`mltl.bootstrap_auc_ci`, the bootstrap ``mltl compare`` uses).
     """
     if aggregate not in CASE_AGGREGATES:
         raise ValueError(f"aggregate must be one of {CASE_AGGREGATES}, got {aggregate!r}")
-    labels, probs = _as_arrays(labels, probs)
+    labels, probs = check_scores(labels, probs)
     groups = [str(g) for g in groups]
     if len(groups) != labels.size:
         raise ValueError(f"got {len(groups)} case keys for {labels.size} images")
@@ -148,7 +148,7 @@ def calibration(labels: Any, probs: Any, classes: Sequence[str], *, n_bins: int 
     multi-class: mean over images of the squared distance between the probability row and the one-hot
     label, summed over classes, which is the binary one doubled when applied to two columns).
     """
-    labels, probs = _as_arrays(labels, probs)
+    labels, probs = check_scores(labels, probs)
     k = probs.shape[1]
     n = int(labels.size)
     if n == 0:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mltl.rundir import write_bytes_atomic
+from mltl import write_bytes_atomic
 
 __all__ = ["plot_training_curves", "plot_reliability", "plot_learning_curve", "summarise_repeats"]
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mltl.errors import UserError
+from mltl import UserError
 
 log = logging.getLogger("mltl.roc")
 
@@ -94,19 +94,14 @@ def stage_gradcam(stage_dir: Path, *, per_class: int = 2, registry=None) -> dict
     """Grad-CAM of a finished stage's sampled test images: ``gradcam.png`` and ``gradcam.json`` in
     ``stage_dir``. Returns the record written to ``gradcam.json`` (with ``skipped`` and the reason when no
     figure could be made; a missing captum raises :class:`mltl.UserError`)."""
-    from mltl.chain import _load_network
-    from mltl.config import InputConfig
-    from mltl.domain import prepare_images
-    from mltl.plugins import get_registry
-    from mltl.rundir import write_json_atomic
-    from mltl.train import _normalise
+    from mltl import InputConfig, get_registry, load_network, normalise, prepare_images, write_json_atomic
 
     _captum()
     stage_dir = Path(stage_dir)
     registry = registry or get_registry()
     info = json.loads((stage_dir / "model.json").read_text())
     inp = InputConfig(**info["input"])
-    net = _load_network(stage_dir / "model.safetensors", registry).to("cpu")
+    net = load_network(stage_dir / "model.safetensors", registry).to("cpu")
     classes = net.classes
     record: dict[str, Any] = {"stage": stage_dir.name, "method": "captum.attr.LayerGradCam, relu_attributions=True",
                               "layer_group": last_conv_group(net), "target": "the predicted class",
@@ -137,7 +132,7 @@ def stage_gradcam(stage_dir: Path, *, per_class: int = 2, registry=None) -> dict
         return record
     raw = prepare_images(domain.images[[index[r["id"]] for _, _, r in picked]], size=inp.size,
                          channels=inp.channels)
-    x = _normalise(raw, inp)
+    x = normalise(raw, inp)
     maps = gradcam_maps(net, x, [r["pred"] for _, _, r in picked])
     # the probabilities the network gives now must be those in predictions.csv: same model, same images
     with torch.no_grad():

@@ -7,7 +7,7 @@ Files written:
 * ``<stage_dir>/roc.png``: the stage's per-class one-vs-rest ROC curves and the macro curve on its test
   split; the macro legend entry carries the stratified-bootstrap 95% CI of the macro AUC.
 * ``<stage_dir>/roc.json``: the curves (:func:`mltl_roc.roc.roc_curves`), ``auc_macro``,
-  ``auc_macro_ci95`` ``[lo, hi]``, ``n_resamples``, ``seed`` and a little context.
+  ``auc_macro_ci95`` ``[lo, hi]`` (:func:`mltl.bootstrap_auc_ci`), ``n_resamples``, ``seed`` and a little context.
 * ``<run_dir>/roc_stages.png``: every stage's macro ROC curve, each on its own test split.
 
 A stage whose test split has fewer than two classes has no ROC curve: it is skipped with a warning on
@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from mltl.errors import UserError
-from mltl.results import Predictions, StageResult
-from mltl.rundir import write_bytes_atomic, write_json_atomic
+from mltl import (Predictions, StageResult, UserError, bootstrap_auc_ci, macro_auc, scored_classes,
+                  write_bytes_atomic, write_json_atomic)
 
-from .roc import bootstrap_auc_ci, macro_auc, plot_roc, roc_curves, scored_classes
+from .roc import plot_roc, roc_curves
 
 log = logging.getLogger("mltl.roc")
 
@@ -243,7 +242,7 @@ class EvaluationReporter:
 
     def evaluate(self, result: StageResult) -> dict[str, Any]:
         """The content of ``evaluation.json`` for one stage."""
-        from mltl.chain import _read_predictions
+        from mltl import read_predictions
 
         test = result.test
         image, case = self._levels(test)
@@ -256,7 +255,7 @@ class EvaluationReporter:
             out["case_note"] = "the domain has no patient / study groups: every image is its own case"
         oof = Path(result.stage_dir) / "oof_predictions.csv"
         if oof.is_file():  # k-fold: every image tested once, by the fold model that never saw it
-            pooled = _read_predictions(oof, "test", tuple(test.classes))
+            pooled = read_predictions(oof, "test", tuple(test.classes))
             p_image, p_case = self._levels(pooled)
             out["pooled_out_of_fold"] = {"source": "oof_predictions.csv", "image": p_image, "case": p_case}
         return out

@@ -1,14 +1,12 @@
-"""ROC arithmetic (macro AUC, its stratified bootstrap CI, ROC curves) and ROC figures.
+"""ROC curves and ROC figures.
 
-Conventions shared by every function here:
+Conventions (those of :mod:`mltl.stats`, where the macro AUC and its bootstrap CI live):
 
 * ``labels`` is an ``(N,)`` array of true class indices, ``probs`` an ``(N, C)`` array whose column ``k``
-  scores class ``k`` (as in :class:`mltl.results.Predictions`).
+  scores class ``k`` (as in :class:`mltl.Predictions`).
 * One-vs-rest: class ``k`` is "positive" for the images labelled ``k``, "negative" for all others,
   scored by column ``k``.
-* Classes absent from ``labels`` have no one-vs-rest AUC; they are left out of every macro average.
-* A two-column problem is binary: its macro AUC is the AUC of column 1 (the one-vs-rest AUC of class 0
-  on column 0 is the same number when rows sum to one).
+* Classes absent from ``labels`` have no one-vs-rest curve; they are left out of the macro curve.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, so importing this module
 never changes the process's matplotlib backend and works headless), and written atomically.
@@ -17,165 +15,17 @@ never changes the process's matplotlib backend and works headless), and written 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 from sklearn.metrics import auc as _trapezoid_auc
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
-from mltl.rundir import write_bytes_atomic
+from mltl import check_scores, write_bytes_atomic
 
-__all__ = [
-    "macro_auc",
-    "bootstrap_macro_aucs",
-    "bootstrap_auc_ci",
-    "roc_curves",
-    "plot_roc",
-    "scored_classes",
-]
-
-
-# --------------------------------------------------------------------------------------------- checks
-
-
-def _as_arrays(labels: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2:
-        raise ValueError(f"probs must be a 2-D (N, C) array, got shape {probs.shape}")
-    if labels.ndim != 1 or labels.shape[0] != probs.shape[0]:
-        raise ValueError(
-            f"labels must be a 1-D array with one entry per row of probs: got labels {labels.shape}, "
-            f"probs {probs.shape}"
-        )
-    if probs.shape[1] < 2:
-        raise ValueError(f"probs needs at least two class columns, got {probs.shape[1]}")
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        if not np.all(labels == np.round(labels)):
-            raise ValueError("labels must be integer class indices")
-        labels = labels.astype(np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):
-        raise ValueError(
-            f"labels must be class indices in [0, {probs.shape[1] - 1}], "
-            f"got values in [{labels.min()}, {labels.max()}]"
-        )
-    return labels.astype(np.int64, copy=False), probs
-
-
-def scored_classes(labels: Any, probs: Any) -> list[int]:
-    """The class indices whose one-vs-rest AUC enters the macro average.
-
-    Empty when fewer than two classes are present in ``labels`` (no AUC is defined); ``[1]`` for a
-    binary (two-column) problem with both classes present; otherwise the present classes, ascending.
-    """
-    labels, probs = _as_arrays(labels, probs)
-    present = np.unique(labels)
-    if present.size < 2:
-        return []
-    if probs.shape[1] == 2:
-        return [1]
-    return [int(k) for k in present]
-
-
-# ------------------------------------------------------------------------------------------ macro AUC
-
-
-def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    """One-vs-rest macro ROC AUC, via :func:`sklearn.metrics.roc_auc_score`.
-
-    Binary (2 columns): the AUC of column 1. Otherwise the unweighted mean of the one-vs-rest AUCs of
-    the classes present in ``labels`` (absent classes are left out of the mean; with every class
-    present this equals ``roc_auc_score(labels, probs, multi_class="ovr", average="macro")``).
-    NaN when fewer than two classes are present.
-    """
-    labels, probs = _as_arrays(labels, probs)
-    classes = scored_classes(labels, probs)
-    if not classes:
-        return math.nan
-    per_class = [roc_auc_score(labels == k, probs[:, k]) for k in classes]
-    return float(np.mean(per_class))
-
-
-# ---------------------------------------------------------------------------------------- bootstrap
-
-
-def _stratified_draws(labels: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
-    """Row indices of every resample, shape ``(n_resamples, N)``.
-
-    The sampling scheme (the tests re-implement it, keep them in step):
-    ``rng = np.random.default_rng(seed)``; for each class ``c`` present in ``labels``, ascending,
-    ``members = np.flatnonzero(labels == c)`` and ``members[rng.integers(0, len(members),
-    size=(n_resamples, len(members)))]``; the blocks are concatenated along axis 1 in that class order.
-    So resample ``b`` is row ``b``, and every resample keeps each class's count.
-    """
-    rng = np.random.default_rng(seed)
-    blocks = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        blocks.append(members[rng.integers(0, members.size, size=(n_resamples, members.size))])
-    return np.concatenate(blocks, axis=1)
-
-
-def bootstrap_macro_aucs(
-    labels: np.ndarray, probs: np.ndarray, n_resamples: int = 1000, seed: int = 0
-) -> np.ndarray:
-    """:func:`macro_auc` of each stratified bootstrap resample, shape ``(n_resamples,)``.
-
-    See :func:`bootstrap_auc_ci` for the resampling. Each one-vs-rest AUC is computed exactly as a
-    Mann-Whitney count, ``(2 * #{pos > neg} + #{pos == neg}) / (2 * n_pos * n_neg)`` (one rounding),
-    from tie-averaged ranks, all resamples at once. It equals sklearn's trapezoidal AUC up to
-    floating-point rounding (~1e-16). All NaN when fewer than two classes are present.
-    """
-    labels, probs = _as_arrays(labels, probs)
-    if isinstance(n_resamples, bool) or int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
-    n_resamples = int(n_resamples)
-    classes = scored_classes(labels, probs)
-    if not classes:
-        return np.full(n_resamples, np.nan)
-
-    draws = _stratified_draws(labels, n_resamples, seed)  # (B, N)
-    # Stratified: the class of column j is the same in every resample, so one mask serves all rows.
-    drawn_labels = labels[draws[0]]
-    n = drawn_labels.size
-    total = np.zeros(n_resamples)
-    for k in classes:
-        positive = drawn_labels == k
-        n_pos = int(positive.sum())
-        n_neg = n - n_pos
-        ranks = rankdata(probs[draws, k], method="average", axis=1)  # 1-based, ties averaged
-        # Twice the Mann-Whitney U of the positives: an exact integer (ranks are half-integers).
-        twice_u = 2.0 * ranks[:, positive].sum(axis=1) - n_pos * (n_pos + 1)
-        total += twice_u / (2.0 * n_pos * n_neg)
-    return total / len(classes)
-
-
-def bootstrap_auc_ci(
-    labels: np.ndarray,
-    probs: np.ndarray,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float]:
-    """Stratified bootstrap percentile confidence interval of :func:`macro_auc`.
-
-    Each resample draws, within each class separately, as many indices with replacement as that class
-    has, so every resample keeps the class counts (and so the set of present classes). The draws come
-    from ``np.random.default_rng(seed)``, so the interval is reproducible. The bounds are the
-    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles (numpy's default linear interpolation) of the
-    resampled macro AUCs. ``(nan, nan)`` when fewer than two classes are present.
-    """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    aucs = bootstrap_macro_aucs(labels, probs, n_resamples=n_resamples, seed=seed)
-    if np.isnan(aucs).any():
-        return (math.nan, math.nan)
-    lo, hi = np.quantile(aucs, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    return (float(lo), float(hi))
+__all__ = ["roc_curves", "plot_roc"]
 
 
 # --------------------------------------------------------------------------------------------- curves
@@ -215,13 +65,13 @@ def roc_curves(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) ->
     * ``"macro"``: the per-class TPRs averaged on a common FPR grid, the union of the per-class FPRs.
       At each grid FPR both one-sided limits are averaged (two points at that FPR), so vertical steps
       are kept and the area under the macro curve equals the mean of the per-class AUCs (so
-      :func:`macro_auc`) up to rounding;
+      :func:`mltl.macro_auc`) up to rounding;
     * ``"micro"``: one curve over all (image, class) pairs, every column of ``probs`` included.
 
     Every ``"auc"`` is :func:`sklearn.metrics.auc` of that curve. Raises ``ValueError`` when fewer than
-    two classes are present (no curve is defined); check with :func:`scored_classes` first.
+    two classes are present (no curve is defined); check with :func:`mltl.scored_classes` first.
     """
-    labels, probs = _as_arrays(labels, probs)
+    labels, probs = check_scores(labels, probs)
     classes = [str(c) for c in classes]
     if len(classes) != probs.shape[1]:
         raise ValueError(f"got {len(classes)} class names for {probs.shape[1]} probability columns")

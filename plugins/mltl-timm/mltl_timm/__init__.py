@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mltl import Trunk, UserError, hookimpl
-from mltl.errors import did_you_mean
+from mltl import Trunk, UserError, did_you_mean, hookimpl
 
 
 def _import_timm():

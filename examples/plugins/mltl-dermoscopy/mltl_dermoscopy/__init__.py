@@ -24,7 +24,7 @@ import numpy as np
 
 import mltl
 
-from .preprocess import read_dermoscopy
+from .preprocess import SUFFIXES, read_dermoscopy
 from .report import LesionLevelReporter
 
 __version__ = "0.1.0"
@@ -72,7 +72,7 @@ def skin_lesions(root: str, metadata: str = "metadata.csv", images: str = "image
         if row[label_column] not in names:
             continue  # a class left out with domain.classes
         image_id = row[image_column]
-        candidates = [folder / f"{image_id}{s}" for s in (".jpg", ".jpeg", ".png")] + [folder / image_id]
+        candidates = [folder / f"{image_id}{s}" for s in SUFFIXES] + [folder / image_id]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             raise mltl.UserError(f"skin-lesions: {base / metadata} line {line}: no image {image_id}.jpg "
@@ -85,12 +85,10 @@ def skin_lesions(root: str, metadata: str = "metadata.csv", images: str = "image
                        description=f"dermoscopy, {len(ids)} images of {len(set(groups))} lesions from {base}")
 
 
-skin_lesions.read_file = read_dermoscopy  # `mltl predict` reads new photographs the same way
-
-
 @mltl.hookimpl
 def register_domains(register):
-    register(DOMAIN, skin_lesions)
+    # `mltl predict` reads new photographs with the training preprocessing
+    register(DOMAIN, skin_lesions, read_file=read_dermoscopy, suffixes=SUFFIXES)
 
 
 @mltl.hookimpl

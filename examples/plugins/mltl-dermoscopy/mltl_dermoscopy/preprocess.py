@@ -15,6 +15,8 @@ from PIL import Image, ImageOps
 
 import mltl
 
+SUFFIXES = (".jpg", ".jpeg", ".png")  # photograph file endings: in the metadata's folder and for `mltl predict`
+
 
 def shades_of_grey(rgb: np.ndarray, p: int = 6) -> np.ndarray:
     """uint8 ``(H, W, 3)`` with the illuminant estimated by the channel-wise p-norm removed."""
@@ -48,6 +50,3 @@ def read_dermoscopy(path: str | Path, *, colour_constancy: bool = True, size: in
     if colour_constancy:
         rgb = shades_of_grey(rgb)
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
-
-
-read_dermoscopy.suffixes = {".jpg", ".jpeg", ".png"}  # what `mltl predict` looks for in a folder

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from mltl.rundir import write_json_atomic
+from mltl import write_json_atomic
 
 
 def lesion_level(ids: tuple[str, ...], labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mltl
-from mltl.plugins import get_registry
+from mltl import get_registry
 from mltl_dermoscopy.preprocess import read_dermoscopy, shades_of_grey
 
 
@@ -17,7 +17,9 @@ def _create(**options):
 
 
 def test_registered_through_the_entry_point():
-    assert get_registry().get("domain", "skin-lesions").plugin == "dermoscopy"
+    domain = get_registry().get("domain", "skin-lesions")
+    assert domain.plugin == "dermoscopy"
+    assert domain.read_file is read_dermoscopy and domain.suffixes == {".jpg", ".jpeg", ".png"}  # mltl predict
     assert get_registry().get("reporter", "lesion-level").plugin == "dermoscopy"
 
 
@@ -36,10 +38,8 @@ def test_loads_classes_groups_and_rgb_images(ham_folder):
 
 
 def test_a_lesion_never_straddles_two_splits(ham_folder):
-    from mltl.domain import make_splits
-
     dom = _create(root=str(ham_folder))
-    splits = make_splits(dom, val=0.25, test=0.25, seed=1)
+    splits = mltl.make_splits(dom, val=0.25, test=0.25, seed=1)
     where = {}
     for split, idx in splits.items():
         for i in idx:

@@ -1,0 +1,163 @@
+"""What mltl-roc shows in the run report and in ``mltl compare``'s comparison (the report hooks).
+
+Everything is read from the files the reporters wrote (``evaluation.json``, ``roc.json``,
+``calibration.json``, ``gradcam.json`` and the figures), so ``mltl report`` shows the same after replaying
+them; a file that is missing (its reporter did not run) leaves its part out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mltl import Figure, Heading, Para, StageReport, Table, hookimpl, scored_classes
+
+from .roc import plot_roc, roc_curves
+
+__all__ = ["FIGURES", "RUN_FIGURES", "mltl_report_stage", "mltl_report_run", "mltl_comparison_figures"]
+
+# a stage's figures in the order the report shows them, with their captions
+FIGURES = {
+    "roc.png": "ROC curves per class (one-vs-rest) and their macro average, on the test split.",
+    "training.png": "Training curves: training and validation loss, validation AUC per epoch; every sweep "
+                    "variant faint, the selected one bold.",
+    "calibration.png": "Reliability diagram (calibration) of the test predictions.",
+    "learning_curve.png": "Learning curve: mean test AUC +/- 1 SD over the draws at each training fraction, "
+                          "every draw as a point.",
+    "gradcam.png": "Grad-CAM overlays: where the network looked for the class it predicted, for the most "
+                   "confident correct and wrong test images of each class.",
+}
+RUN_FIGURES = {"roc_stages.png": "Macro ROC curve of every stage, each on its own test split (the stages' "
+                                 "test sets differ, so the curves are not a paired comparison)."}
+COMPARISON_FIGURE = "roc_chains.png"
+
+
+def _fmt(value: Any) -> str:
+    """A number as the report prints it: three decimals; "n/a" for a missing or undefined value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _ci(ci: Any) -> str:
+    """`` (0.712-0.905)``, or nothing when the interval is missing or undefined."""
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    return f" ({_fmt(ci[0])}-{_fmt(ci[1])})"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pooled_table(pooled: dict[str, Any]) -> Table:
+    pi, pc = pooled["image"], pooled.get("case")
+    rows = [("image", str(pi["n"]), _fmt(pi["auc_macro"]) + _ci(pi.get("auc_macro_ci95")), _fmt(pi["auc_micro"]),
+             _fmt(pi["accuracy"]), _fmt(pi["balanced_accuracy"]))]
+    if pc:
+        rows.append((f"case ({pc['aggregate']})", str(pc["n_cases"]),
+                     _fmt(pc["auc_macro"]) + _ci(pc.get("auc_macro_ci95")), _fmt(pc["auc_micro"]),
+                     _fmt(pc["accuracy"]), _fmt(pc["balanced_accuracy"])))
+    return Table(("pooled out-of-fold", "n", "macro ROC AUC (95% CI)", "micro ROC AUC", "accuracy",
+                  "balanced accuracy"), rows,
+                 "Every fold's test predictions together (`oof_predictions.csv`): each image tested once, "
+                 "by the fold's model that never saw it. The folds' models differ, so this pools scores "
+                 "of several models; the mean ± SD over folds is in the repeats table.")
+
+
+def _case_blocks(case: dict[str, Any], image: dict[str, Any], metrics: dict[str, Any]) -> list[Any]:
+    ci = image.get("auc_macro_ci95")
+    return [
+        Heading(3, "Case level"),
+        Para(f"{case['n_images']} test images of {case['n_cases']} cases (patients / studies; "
+             f"{case['images_per_case']['min']}-{case['images_per_case']['max']} images each). A case's "
+             f"probabilities are the **{case['aggregate']}** of its images'; its label is "
+             f"{case['case_label_rule']} ({case['n_mixed_label_cases']} cases with mixed labels)."),
+        Table(("level", "n", "macro ROC AUC (95% CI)", "accuracy", "balanced accuracy"), (
+            ("image", str(case["n_images"]), _fmt(image.get("auc_macro", metrics.get("auc_macro"))) + _ci(ci),
+             _fmt(metrics.get("accuracy")), _fmt(metrics.get("balanced_accuracy"))),
+            ("case", str(case["n_cases"]), _fmt(case["auc_macro"]) + _ci(case.get("auc_macro_ci95")),
+             _fmt(case["accuracy"]), _fmt(case["balanced_accuracy"])),
+        )),
+    ]
+
+
+def _calibration_blocks(cal: dict[str, Any]) -> list[Any]:
+    bins = cal["bins"]
+    return [
+        Heading(3, "Calibration"),
+        Para(f"Expected calibration error (ECE) {_fmt(cal['ece'])}, Brier score {_fmt(cal['brier'])} "
+             f"({cal['brier_definition']}). Calibration of the {cal['kind']}; {cal['binning']}; "
+             f"ECE is the count-weighted mean gap between observed frequency and mean predicted "
+             f"probability over the bins."),
+        Table(("bin", "images", "mean predicted", "observed"),
+              tuple((f"[{b['lower']:.1f}, {b['upper']:.1f}{']' if i == len(bins) - 1 else ')'}",
+                     str(b["count"]), _fmt(b["mean_predicted"]), _fmt(b["observed"]))
+                    for i, b in enumerate(bins) if b["count"])),
+    ]
+
+
+@hookimpl
+def mltl_report_stage(result):
+    """The CI of the test macro AUC (from ``evaluation.json``, else ``roc.json``), the micro AUC, the case
+    AUC as a summary column, the pooled out-of-fold, case-level and calibration tables, and the figures."""
+    d = Path(result.stage_dir)
+    evaluation, roc = _load(d / "evaluation.json"), _load(d / "roc.json")
+    cal, gradcam = _load(d / "calibration.json"), _load(d / "gradcam.json")
+    image = (evaluation or {}).get("image") or {}
+    source = evaluation if image.get("auc_macro_ci95") else roc
+    ci = (image.get("auc_macro_ci95") or (roc or {}).get("auc_macro_ci95")) or None
+
+    metrics, summary, blocks = [], [], []
+    if image:
+        metrics.append(("micro ROC AUC", _fmt(image.get("auc_micro"))))
+    case = (evaluation or {}).get("case")
+    if case:
+        summary.append(("case AUC (95% CI)",
+                        _fmt(case["auc_macro"]) + _ci(case.get("auc_macro_ci95")) + f" ({case['aggregate']})"))
+    pooled = (evaluation or {}).get("pooled_out_of_fold")
+    if pooled:
+        blocks.append(_pooled_table(pooled))
+    if case:
+        blocks += _case_blocks(case, image, result.metrics)
+    if cal:
+        blocks += _calibration_blocks(cal)
+    figures: list[Any] = [Figure(d / name, caption) for name, caption in FIGURES.items() if (d / name).is_file()]
+    if gradcam and gradcam.get("skipped"):
+        figures.append(Para(f"Grad-CAM: no figure ({gradcam['skipped']})."))
+    if not (ci or metrics or summary or blocks or figures):
+        return None
+    return StageReport(auc_ci95=tuple(ci) if ci else None, n_resamples=(source or {}).get("n_resamples"),
+                       metrics=metrics, summary=summary, blocks=blocks, figures=figures)
+
+
+@hookimpl
+def mltl_report_run(results, run_dir):
+    """``roc_stages.png``, the macro ROC curve of every stage."""
+    return [Figure(Path(run_dir) / name, caption) for name, caption in RUN_FIGURES.items()
+            if (Path(run_dir) / name).is_file()]
+
+
+@hookimpl
+def mltl_comparison_figures(chains, out_dir):
+    """``roc_chains.png``: every chain's macro ROC curve on one plot (the paper's Figs. 5 and 6), with its AUC
+    and 95% CI in the legend."""
+    chains = [c for c in chains if scored_classes(c.predictions.labels, c.predictions.probs)]
+    if not chains:
+        return None
+    curves = []
+    for chain in chains:
+        pred = chain.predictions
+        lo, hi = chain.auc_ci95
+        macro = roc_curves(pred.labels, pred.probs, pred.classes)["macro"]
+        name = str(chain.name).replace("{", "{{").replace("}", "}}")
+        curves.append((f"{name}: AUC {{auc:.3f}} [{lo:.3f}, {hi:.3f}]", {"macro": macro}))
+    some = chains[0].predictions
+    path = Path(out_dir) / COMPARISON_FIGURE
+    plot_roc(curves, path, f"Target ROC by chain (macro over {len(some.classes)} classes, n={len(some)} {some.split})")
+    return [Figure(path, "Target ROC curves of every chain (macro average), with AUC and 95% CI.")]
