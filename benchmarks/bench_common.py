@@ -5,8 +5,8 @@
 - :func:`ensure_timm_backbone`: a registered mltl backbone for a timm model (the installed "timm" backbone
   when a plugin provides one, else one registered in-process with :func:`mltl.register_plugin`);
 - :func:`phantom_folder`: an image folder of CT phantom PNGs (for machines without ``../shared/data``);
-- :class:`FitProbe`: times what :func:`mltl.train.fit` does per epoch (validation, best-state copy) from the
-  outside, by wrapping module attributes of ``mltl.train`` for the duration of a measurement; the core is
+- :class:`FitProbe`: times what :func:`mltl.training.train.fit` does per epoch (validation, best-state copy) from the
+  outside, by wrapping module attributes of ``mltl.training.train`` for the duration of a measurement; the core is
   not edited.
 """
 
@@ -286,9 +286,9 @@ def phantom_folder(classes: tuple[str, ...] = ("normal", "cyst", "calculi"), per
 
 
 class FitProbe:
-    """Per-epoch timing of :func:`mltl.train.fit`, from the outside.
+    """Per-epoch timing of :func:`mltl.training.train.fit`, from the outside.
 
-    Inside the ``with`` block, functions that fit looks up in the ``mltl.train`` module are wrapped with
+    Inside the ``with`` block, functions that fit looks up in the ``mltl.training.train`` module are wrapped with
     timers: ``predict_proba`` and ``classification_metrics`` (the per-epoch validation),
     ``_checkpoint_state`` and ``_save_checkpoint`` (the resumable training checkpoint, when fit is given
     one), ``copy`` is replaced by a namespace whose ``deepcopy`` is timed (the best-state copy), and
@@ -340,7 +340,7 @@ class FitProbe:
         return wrapper
 
     def __enter__(self) -> FitProbe:
-        import mltl.train as T
+        import mltl.training.train as T
 
         self._T = T
         for name, key in self.TIMED.items():

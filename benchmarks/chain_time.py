@@ -16,7 +16,7 @@
       target        250 images, 3 classes, from the intermediate model, nothing frozen
 
     Each network (built exactly as the chain builds it: ``build_network`` / ``derive`` / ``FreezePolicy``)
-    is trained with :func:`mltl.train.fit` for a warm-up epoch and a few measured epochs on synthetic,
+    is trained with :func:`mltl.training.train.fit` for a warm-up epoch and a few measured epochs on synthetic,
     class-separable uint8 images held on the device (timing does not depend on the pixels). The measured
     median epoch is split into training, validation and best-state copy (timers around fit's
     ``predict_proba``/``classification_metrics``/``copy.deepcopy``), each part is scaled linearly per image
@@ -151,7 +151,7 @@ def measure_fit(net, n_train: int, n_val: int, classes: int, *, size: int, chann
     import torch
 
     from mltl.config import InputConfig, TrainConfig
-    from mltl.train import TensorData, fit
+    from mltl.training.train import TensorData, fit
 
     x, y = _synthetic(n_train + n_val, classes, channels, size, seed, dev)
     train, val = TensorData(x[:n_train], y[:n_train]), TensorData(x[n_train:], y[n_train:])
@@ -201,13 +201,13 @@ def measure_fit(net, n_train: int, n_val: int, classes: int, *, size: int, chann
 def run_projection(args, dev) -> list[dict[str, Any]]:
     import torch
 
-    from mltl.freeze import FreezePolicy
-    from mltl.network import HeadSpec, build_network, derive, make_spec
+    from mltl.networks.freeze import FreezePolicy
+    from mltl.networks.network import HeadSpec, build_network, derive, make_spec
 
     reg = mltl.get_registry()
     size, chans, batch, E = args.size, args.channels, args.batch_size, args.paper_epochs
     try:
-        from mltl.train import checkpoint_seconds
+        from mltl.training.train import checkpoint_seconds
 
         ckpt_cadence = float(checkpoint_seconds())
     except ImportError:  # an mltl without resumable checkpoints

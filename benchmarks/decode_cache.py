@@ -1,4 +1,4 @@
-"""Per-epoch data cost on an image folder: decoding every epoch vs the decode cache (mltl.cache).
+"""Per-epoch data cost on an image folder: decoding every epoch vs the decode cache (mltl.data.cache).
 
 Prints JSON lines; the last one is the summary.
 
@@ -54,9 +54,9 @@ def main() -> None:
     import torch
     from torchvision import datasets, transforms
 
-    from mltl import cache
+    from mltl.data import cache
     from mltl.builtins import image_folder_domain
-    from mltl.domain import prepare_images
+    from mltl.data.domain import prepare_images
 
     torch.set_num_threads(args.threads)
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),

@@ -4,12 +4,12 @@
 Two comparisons, each printing one JSON line (median seconds of the second epoch of each fit, and the
 ratio ``b_over_a``; below 1 means B is faster):
 
-``--before COMMIT``  ``mltl.train.fit`` as it was in git commit COMMIT (A) against the working tree's (B),
+``--before COMMIT``  ``mltl.training.train.fit`` as it was in git commit COMMIT (A) against the working tree's (B),
                      on the same resident tensors: did a change slow the hot loop? (The old module is
-                     loaded from ``git show COMMIT:core/mltl/train.py`` next to the current package.)
+                     loaded from ``git show COMMIT:core/mltl/training/train.py`` next to the current package.)
 ``--stream``         the same fit on resident tensors (A) against a streamed domain (B): images kept on the
                      host at their stored size and gathered, resized and copied per batch by the loader
-                     thread (``mltl.stream``, forced with a tiny device budget).
+                     thread (``mltl.data.stream``, forced with a tiny device budget).
 
     python benchmarks/loop_ab.py --before 7c6fb01 --threads 1
     python benchmarks/loop_ab.py --before 7c6fb01 --augment hflip,vflip,shift --threads 1
@@ -37,7 +37,7 @@ import bench_common as bc  # noqa: E402
 
 
 def _old_train(commit: str):
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:core/mltl/train.py"], capture_output=True,
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:core/mltl/training/train.py"], capture_output=True,
                          text=True, check=True).stdout
     path = Path(tempfile.mkdtemp(prefix="mltl-ab-")) / "old_train.py"
     path.write_text(src)
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import mltl
-    from mltl import train as current
+    from mltl.training import train as current
     from mltl.builtins import image_folder_domain
     from mltl.config import InputConfig, TrainConfig
-    from mltl.network import HeadSpec, build_network, make_spec
-    from mltl.stream import load_images
+    from mltl.networks.network import HeadSpec, build_network, make_spec
+    from mltl.data.stream import load_images
 
     if args.data:
         root = Path(args.data)

@@ -4,7 +4,7 @@
 Three loops train the same network (same initial weights), with the same batch size, SGD (lr 0.01,
 momentum 0.9), no augmentation, on the same training images of an image folder:
 
-  mltl         ``mltl.train.fit`` on ``TensorData`` made by ``prepare_images`` from the image-folder domain,
+  mltl         ``mltl.training.train.fit`` on ``TensorData`` made by ``prepare_images`` from the image-folder domain,
                exactly as the chain runner does (decoded once, uint8 on the device). fit also scores the
                validation split (10% of the images) after every epoch and keeps a copy of the best state:
                that time is counted (a user pays it), but only training images count as images/s. Like
@@ -68,7 +68,7 @@ def _build_model(spec: dict[str, Any], classes: tuple[str, ...], for_mltl: bool)
     import torch
 
     import mltl
-    from mltl.network import HeadSpec, build_network, make_spec
+    from mltl.networks.network import HeadSpec, build_network, make_spec
 
     torch.manual_seed(spec["seed"])
     name, size, chans = spec["backbone"], spec["size"], spec["channels"]
@@ -127,7 +127,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     if loop in ("mltl", "bare"):
         from mltl.builtins import image_folder_domain
-        from mltl.domain import prepare_images
+        from mltl.data.domain import prepare_images
 
         dom = image_folder_domain(str(root), channels=chans, image_size=size)  # what the chain runner loads
         if list(dom.ids) != rel:
@@ -144,7 +144,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     if loop == "mltl":
         from mltl.config import InputConfig, TrainConfig
-        from mltl.train import TensorData, fit
+        from mltl.training.train import TensorData, fit
 
         net, info = _build_model(spec, classes, for_mltl=True)
         extra.update(info)
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_s = args.checkpoint_seconds
     if ckpt_s is None:
         try:
-            from mltl.train import checkpoint_seconds as _chain_ckpt
+            from mltl.training.train import checkpoint_seconds as _chain_ckpt
 
             ckpt_s = float(_chain_ckpt())
         except ImportError:

@@ -256,7 +256,7 @@ def test_api_violations_are_found(tmp_path):
 
 
 def test_a_scaffolded_plugin_imports_only_the_declared_api(tmp_path, fresh_plugins):
-    from mltl.scaffold import scaffold
+    from mltl.cli.scaffold import scaffold
 
     folder = scaffold("arch-check", tmp_path)
     api = _api()
@@ -282,7 +282,7 @@ RUN_DIRECTORY_NAMES = {"model.safetensors", "model.json", "metrics.json", "predi
 
 
 def test_run_directory_file_names_are_spelled_in_one_core_module():
-    """Only mltl.rundir knows the layout; every other core module asks it (RunFiles, StageFiles)."""
+    """Only mltl.running.rundir knows the layout; every other core module asks it (RunFiles, StageFiles)."""
     found = []
     for path in sorted((ROOT / "core" / "mltl").rglob("*.py")):
         if path.name == "rundir.py":
@@ -290,4 +290,4 @@ def test_run_directory_file_names_are_spelled_in_one_core_module():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Constant) and node.value in RUN_DIRECTORY_NAMES:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
-    assert not found, "run-directory names outside mltl.rundir:\n" + "\n".join(found)
+    assert not found, "run-directory names outside mltl.running.rundir:\n" + "\n".join(found)

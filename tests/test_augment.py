@@ -7,7 +7,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from mltl import augment as A
+from mltl.data import augment as A
 from mltl.config import TrainConfig, parse_config
 from mltl.errors import ConfigError
 
@@ -114,7 +114,7 @@ def test_bad_augmentation_is_a_config_error_naming_the_key(item, message):
 
 
 def test_balanced_sampler_draws_classes_about_equally():
-    from mltl.train import _epoch_order
+    from mltl.training.train import _epoch_order
 
     y = torch.tensor([0] * 300 + [1] * 60 + [2] * 20)  # 15 : 3 : 1
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""The decode cache (mltl.cache): decode once, keyed by file content and settings, never trusting a bad entry."""
+"""The decode cache (mltl.data.cache): decode once, keyed by file content and settings, never trusting a bad entry."""
 
 import functools
 import logging
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mltl import cache
-from mltl.images import read_image
+from mltl.data import cache
+from mltl.data.images import read_image
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_corrupted_cache_file_is_rebuilt_never_trusted(tmp_path, own_cache, capl
         else:
             npy.with_suffix(".json").write_text("{not json")
         dec.calls.clear()
-        with caplog.at_level(logging.WARNING, logger="mltl.cache"):
+        with caplog.at_level(logging.WARNING, logger="mltl.data.cache"):
             res = cache.decode_cached(paths, SETTINGS, dec)
         assert res.source == "decoded" and len(dec.calls) == 6, damage
         assert np.array_equal(res.images, good), damage

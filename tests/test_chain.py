@@ -10,8 +10,8 @@ import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 import mltl
-from mltl import chain as chain_module
-from mltl.rundir import load_weights
+from mltl.running import chain as chain_module
+from mltl.running.rundir import load_weights
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mltl import cli
+from mltl.cli import commands as cli
 
 
 def _leaf_commands(parser, prefix="mltl"):
@@ -80,7 +80,7 @@ class _FakeTerminal(io.StringIO):
 
 
 def test_console_reporter_is_plain_under_no_color(monkeypatch, tmp_path):
-    from mltl.reporting import ConsoleReporter
+    from mltl.evaluation.reporting import ConsoleReporter
 
     monkeypatch.delenv("MLTL_QUIET", raising=False)
     monkeypatch.setenv("TERM", "xterm-256color")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mltl
-from mltl.compare import chains, compare
+from mltl.running.compare import chains, compare
 
 
 def test_derived_chains(tiny_config):
@@ -83,7 +83,7 @@ def test_compare_with_a_kfold_target_judges_pooled_out_of_fold_predictions(tmp_p
 
 
 def test_a_bootstrap_p_of_zero_is_shown_as_below_its_resolution():
-    from mltl.compare import render
+    from mltl.running.compare import render
 
     row = {"chain": "scratch", "stages": ["target"], "train_images": [36], "classes": [3], "auc_macro": 0.6,
            "auc_ci95": [0.5, 0.7], "repeats": None, "accuracy": 0.4, "n_test": 120, "train_seconds": 3.0,

@@ -9,8 +9,8 @@ import torch
 
 import mltl
 from mltl.config import InputConfig, TrainConfig
-from mltl.network import HeadSpec, build_network, make_spec
-from mltl.train import TensorData, fit, predict_proba
+from mltl.networks.network import HeadSpec, build_network, make_spec
+from mltl.training.train import TensorData, fit, predict_proba
 
 INP = InputConfig(size=24, channels=1)
 CLASSES = ("a", "b", "c")
@@ -29,7 +29,7 @@ def _train(**cfg):
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
-    from mltl import train
+    from mltl.training import train
 
     calls = []
 
@@ -50,7 +50,7 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
 
 
 def test_errors_after_the_first_step_are_not_swallowed(monkeypatch):
-    from mltl import train
+    from mltl.training import train
 
     def flaky(model, cfg):
         n = []

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 import mltl
-from mltl import cli, datacheck
-from mltl.domain import Domain, make_splits
+from mltl import cli
+from mltl.data import datacheck
+from mltl.data.domain import Domain, make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,7 +215,7 @@ def test_leakage_allowed_when_the_config_says_so(leaky, tmp_path):
     assert result.stage("target").metrics["n_test"] > 0
     # the audit's split is the one the run made (same function, same arguments)
     config = mltl.load_config(cfg)
-    from mltl.plan import domain_key, load_domains
+    from mltl.running.plan import domain_key, load_domains
 
     domains = load_domains(config, mltl.get_registry())
     stage_cfg = config.stages[1].first
@@ -243,7 +244,7 @@ split = {{ protocol = "holdout", seed = 4 }}
 train = {{ epochs = 1 }}
 """)
     config = mltl.load_config(cfg)
-    from mltl.plan import load_domains
+    from mltl.running.plan import load_domains
 
     domains = load_domains(config, mltl.get_registry())
     with pytest.raises(mltl.UserError, match=r"data leakage: stage only: \d+ duplicate group\(s\) .* straddle"):

@@ -1,7 +1,7 @@
 """DistributedDataParallel through torchrun: 2 gloo processes on the CPU train the same model as 1 process.
 
 With a global batch of B images split into two local batches and DDP's gradient average of each rank's
-share of the global batch's mean (mltl.distributed), two processes compute the same updates as one process
+share of the global batch's mean (mltl.training.distributed), two processes compute the same updates as one process
 with batch B, up to the order of float additions -- when nothing depends on the local batch: GFE-I without
 BatchNorm and without dropout. Augmentation (per-image flips and rotations drawn per position of the
 epoch's order) is on, so its distributed handling is checked too; the last global batch (4 of 36 training
@@ -101,7 +101,7 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path):
 
 
 def test_each_rank_takes_a_strided_share_of_every_global_batch(monkeypatch):
-    from mltl import distributed
+    from mltl.training import distributed
 
     for world, n, b in ((2, 36, 16), (3, 50, 16), (4, 9, 8)):
         shares = []
@@ -124,8 +124,8 @@ def test_sync_batch_norm_round_trip_keeps_parameters_and_frozen_layers():
     import torch
 
     import mltl
-    from mltl import distributed
-    from mltl.network import HeadSpec, build_network, make_spec
+    from mltl.training import distributed
+    from mltl.networks.network import HeadSpec, build_network, make_spec
 
     net = build_network(make_spec("gfe-1", {"batch_norm": True}, 1, 32, HeadSpec(), ("a", "b")), mltl.get_registry())
     net.set_frozen(frozenset({"C1"}))

@@ -1,19 +1,19 @@
 from pathlib import Path
 
-from mltl.docgen import render
+from mltl.cli.docgen import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_config_reference_is_up_to_date():
     current = (ROOT / "docs" / "config.md").read_text()
-    assert current == render(), "docs/config.md is out of date: run `python -m mltl.docgen > docs/config.md`"
+    assert current == render(), "docs/config.md is out of date: run `python -m mltl.cli.docgen > docs/config.md`"
 
 
 def test_every_config_field_is_documented():
     import attrs
 
-    from mltl.docgen import SECTIONS
+    from mltl.cli.docgen import SECTIONS
 
     for _, cls in SECTIONS:
         for f in attrs.fields(cls):
@@ -21,17 +21,17 @@ def test_every_config_field_is_documented():
 
 
 def test_hook_reference_is_up_to_date():
-    from mltl.docgen import render_hooks
+    from mltl.cli.docgen import render_hooks
 
     current = (ROOT / "docs" / "hooks.md").read_text()
-    assert current == render_hooks(), "docs/hooks.md is out of date: run `python -m mltl.docgen hooks > docs/hooks.md`"
+    assert current == render_hooks(), "docs/hooks.md is out of date: run `python -m mltl.cli.docgen hooks > docs/hooks.md`"
 
 
 def test_hook_reference_lists_every_hookspec():
     import inspect
 
     from mltl import hookspecs
-    from mltl.docgen import render_hooks
+    from mltl.cli.docgen import render_hooks
 
     text = render_hooks()
     specs = [n for n, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, "mltl_spec")]

@@ -75,7 +75,7 @@ def test_mixed_modes_and_sizes_are_converted(tmp_path):
 
 
 def test_too_few_images_for_a_split():
-    from mltl.domain import Domain, make_splits
+    from mltl.data.domain import Domain, make_splits
 
     dom = Domain(classes=("a", "b"), images=np.zeros((7, 4, 4), np.uint8), labels=[0] * 5 + [1] * 2,
                  ids=[str(i) for i in range(7)])
@@ -84,7 +84,7 @@ def test_too_few_images_for_a_split():
 
 
 def test_split_fractions_leave_no_training_images():
-    from mltl.domain import Domain, make_splits
+    from mltl.data.domain import Domain, make_splits
 
     dom = Domain(classes=("a", "b"), images=np.zeros((8, 4, 4), np.uint8), labels=[0] * 4 + [1] * 4,
                  ids=[str(i) for i in range(8)])
@@ -114,7 +114,7 @@ def test_every_layer_frozen(tmp_path, tiny_config):
 def test_malicious_training_checkpoint_is_refused(tmp_path):
     import pickle
 
-    from mltl.train import load_checkpoint
+    from mltl.training.train import load_checkpoint
 
     class Boom:
         def __reduce__(self):
@@ -132,7 +132,7 @@ def test_truncated_training_checkpoint(tmp_path):
 
     import torch
 
-    from mltl.train import load_checkpoint
+    from mltl.training.train import load_checkpoint
 
     buf = io.BytesIO()
     torch.save({"version": 1, "model": {"w": torch.ones(1000)}}, buf)
@@ -145,9 +145,9 @@ def test_truncated_training_checkpoint(tmp_path):
 def test_weights_of_another_architecture(tmp_path):
     import json
 
-    from mltl.rundir import load_network
-    from mltl.network import HeadSpec, build_network, make_spec
-    from mltl.rundir import save_weights_atomic
+    from mltl.running.rundir import load_network
+    from mltl.networks.network import HeadSpec, build_network, make_spec
+    from mltl.running.rundir import save_weights_atomic
 
     small = build_network(make_spec("gfe-1", {}, 1, 56, HeadSpec(), ("a", "b")), get_registry())
     other_spec = make_spec("gfe-2", {}, 1, 56, HeadSpec(), ("a", "b"))
@@ -162,7 +162,7 @@ def test_cuda_asked_for_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(mltl.UserError, match='device "cuda" was asked for but CUDA is not available'):
-        mltl.preflight.resolve_device("cuda")
+        mltl.running.preflight.resolve_device("cuda")
 
 
 def test_every_catalogue_entry_has_a_test():
@@ -177,7 +177,7 @@ def test_every_catalogue_entry_has_a_test():
 def test_disk_full_and_out_of_memory_are_one_line(monkeypatch, capsys):
     import errno
 
-    from mltl import cli
+    from mltl.cli import commands as cli
 
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "runs/x/target/model.safetensors")

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import mltl
-from mltl.domain import prepare_images
+from mltl.data.domain import prepare_images
 from mltl.plugins import get_registry
-from mltl.predict import load_stage
+from mltl.deploy.predict import load_stage
 
 CONFIG = """
 [run]

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from mltl import ConfigError, FreezePolicy, get_registry
-from mltl import train as train_mod
+from mltl.training import train as train_mod
 from mltl.builtins import fractal_domain
 from mltl.config import InputConfig, TrainConfig
-from mltl.domain import prepare_images
-from mltl.finetune import FineTuning
-from mltl.network import HeadSpec, build_network, derive, make_spec
-from mltl.train import TensorData, _lr_factor, fit
+from mltl.data.domain import prepare_images
+from mltl.networks.finetune import FineTuning
+from mltl.networks.network import HeadSpec, build_network, derive, make_spec
+from mltl.training.train import TensorData, _lr_factor, fit
 
 SIZE = 56
 INP = InputConfig(size=SIZE, channels=1)

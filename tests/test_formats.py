@@ -12,7 +12,7 @@ from PIL import Image
 
 import mltl
 from mltl import get_registry
-from mltl.images import read_image
+from mltl.data.images import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,7 +285,7 @@ def serve(monkeypatch, payload: bytes):
 
 
 def test_medmnist_download_is_verified_and_atomic(tmp_path, monkeypatch):
-    from mltl import medmnist
+    from mltl.data import medmnist
 
     fake_medmnist(tmp_path / "src.npz", classes=2)
     payload = (tmp_path / "src.npz").read_bytes()
@@ -311,7 +311,7 @@ def test_medmnist_download_with_a_local_http_server(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    from mltl import medmnist
+    from mltl.data import medmnist
 
     (tmp_path / "www").mkdir()
     fake_medmnist(tmp_path / "www" / "octmnist.npz", classes=4, n=(8, 4, 4))

@@ -1,9 +1,9 @@
-"""Tests for mltl.fractal, the seeded IFS fractal image generator."""
+"""Tests for mltl.data.fractal, the seeded IFS fractal image generator."""
 
 import numpy
 import pytest
 
-from mltl.fractal import category_systems, generate
+from mltl.data.fractal import category_systems, generate
 
 SIZE = 32
 

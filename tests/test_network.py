@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mltl import ConfigError, FreezePolicy, get_registry
-from mltl.network import HeadSpec, build_network, derive, make_spec
+from mltl.networks.network import HeadSpec, build_network, derive, make_spec
 
 
 def net(backbone="gfe-2", size=64, classes=("a", "b", "c"), head=HeadSpec(), **options):
@@ -129,7 +129,7 @@ def test_val_every_scores_only_every_nth_epoch():
     import math
 
     from mltl.config import InputConfig, TrainConfig
-    from mltl.train import TensorData, fit
+    from mltl.training.train import TensorData, fit
 
     torch.manual_seed(0)
     n = net("gfe-1", size=56, classes=("a", "b"))

@@ -1,4 +1,4 @@
-"""One plan per stage (mltl.plan): `mltl rank`, `mltl data check` and `mltl validate` see the very split and
+"""One plan per stage (mltl.running.plan): `mltl rank`, `mltl data check` and `mltl validate` see the very split and
 the very checks that `mltl run` makes, with near-duplicate grouping and with a saved split file."""
 
 import csv
@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 import mltl
-from mltl import cli, datacheck
-from mltl.plan import domain_key, load_domains
-from mltl.rank import training_split
+from mltl import cli
+from mltl.data import datacheck
+from mltl.running.plan import domain_key, load_domains
+from mltl.evaluation.rank import training_split
 
 
 def twin_folder(root, n=12, seed=5):

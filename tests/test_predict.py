@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import mltl
-from mltl.predict import load_stage, predict
+from mltl.deploy.predict import load_stage, predict
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 import mltl
-from mltl.domain import Domain, kfold_assignment, subsample
+from mltl.data.domain import Domain, kfold_assignment, subsample
 from mltl.hookspecs import hookimpl
 
 CONFIG = """

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mltl.rank import log_evidence_direct, logme
+from mltl.evaluation.rank import log_evidence_direct, logme
 
 
 def onehot(y):

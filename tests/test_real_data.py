@@ -50,7 +50,7 @@ def test_chain_onto_a_real_folder_target(shared_data, tmp_path, tiny_config):
             image, _, split = line.rstrip("\n").rsplit(",", 2)
             split_of[image] = split
     from mltl.builtins import image_folder_domain
-    from mltl.datacheck import near_duplicate_groups
+    from mltl.data.datacheck import near_duplicate_groups
 
     dom = image_folder_domain(str(shared_data / "ct_kidney"), classes=["Normal", "Cyst", "Tumor"], image_size=56)
     groups: dict[str, set[str]] = {}

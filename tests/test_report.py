@@ -1,5 +1,5 @@
 """Evaluation reporting: metrics recomputed from predictions.csv, case level, calibration, figures,
-report.html, `mltl report`, Grad-CAM and the metrics log (mltl-roc and mltl.report)."""
+report.html, `mltl report`, Grad-CAM and the metrics log (mltl-roc and mltl.evaluation.report)."""
 
 import base64
 import csv
@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_sco
 
 import mltl
 from mltl import cli
-from mltl.report import parse_reporter_options, regenerate
+from mltl.evaluation.report import parse_reporter_options, regenerate
 from mltl_roc.evaluation import calibration, case_level, image_metrics
 from mltl_roc.figures import plot_learning_curve, summarise_repeats
 
@@ -194,7 +194,7 @@ def test_group_column_holds_salted_case_keys_and_case_auc_is_reported(binary_run
     rows = read_csv(d / "predictions.csv")
     assert all(re.fullmatch(r"p-[0-9a-f]{16}", r["group"]) for r in rows)
     # images of one patient share a key: the domain made patients of three images of one class
-    from mltl.privacy import pseudonym
+    from mltl.data.privacy import pseudonym
 
     splits = {r["id"]: r for r in read_csv(d / "splits.csv", "test")}
     assert set(splits) == {r["id"] for r in rows}
@@ -437,10 +437,10 @@ def test_learning_curve_and_repeats_table_from_a_synthetic_repeats_json(tiny_run
 
 
 def test_gradcam_heatmap_has_the_input_shape_and_is_not_constant(tiny_run):
-    from mltl.rundir import load_network
+    from mltl.running.rundir import load_network
     from mltl.config import InputConfig
-    from mltl.domain import prepare_images
-    from mltl.train import normalise
+    from mltl.data.domain import prepare_images
+    from mltl.training.train import normalise
     from mltl_roc.gradcam import gradcam_maps, last_conv_group
 
     d = tiny_run.run_dir / "source"

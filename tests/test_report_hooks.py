@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import mltl
-from mltl.compare import write_comparison
-from mltl.metrics import classification_metrics
-from mltl.report import write_report
+from mltl.running.compare import write_comparison
+from mltl.evaluation.metrics import classification_metrics
+from mltl.evaluation.report import write_report
 from mltl_roc.reporter import EvaluationReporter, RocReporter
 
 CORE = Path(__file__).resolve().parents[1] / "core" / "mltl"

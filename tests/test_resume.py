@@ -121,7 +121,7 @@ def test_a_second_run_on_a_locked_directory_is_refused(config, tmp_path):
 
 
 def test_a_stale_lock_is_taken_over(tmp_path):
-    from mltl.rundir import RunLock
+    from mltl.running.rundir import RunLock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -217,7 +217,7 @@ def test_reuse_copies_the_stages_an_earlier_run_made_from_the_same_settings(conf
 def test_reuse_never_copies_a_stage_built_on_other_weights_than_this_runs(config, reference_dir, tmp_path):
     """Same settings are not enough: when an earlier stage is trained here (its saved split no longer
     matches) and the earlier run's copy of it holds other weights, the stages after it are trained too."""
-    from mltl.rundir import load_weights, save_weights_atomic
+    from mltl.running.rundir import load_weights, save_weights_atomic
 
     earlier = tmp_path / "earlier"
     shutil.copytree(reference_dir, earlier)

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mltl import bootstrap_auc_ci, macro_auc
-from mltl.results import Predictions, StageResult
+from mltl.evaluation.results import Predictions, StageResult
 from mltl_roc.reporter import RocReporter
 from mltl_roc.roc import plot_roc, roc_curves
 

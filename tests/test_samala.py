@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mltl import ConfigError, FreezePolicy, get_registry
-from mltl.network import HeadSpec, build_network, make_spec
+from mltl.networks.network import HeadSpec, build_network, make_spec
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "samala_baseline.toml"
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import mltl
-from mltl.scaffold import check_name, scaffold
+from mltl.cli.scaffold import check_name, scaffold
 
 
 @pytest.mark.parametrize("name, message", [

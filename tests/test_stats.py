@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from mltl.stats import (bootstrap_auc_ci, bootstrap_macro_aucs, delong_test, macro_auc, paired_bootstrap,
+from mltl.evaluation.stats import (bootstrap_auc_ci, bootstrap_macro_aucs, delong_test, macro_auc, paired_bootstrap,
                         stratified_resamples)
 
 

@@ -15,8 +15,8 @@ import torch
 
 import mltl
 from mltl import Domain, hookimpl
-from mltl.domain import prepare_images
-from mltl.stream import HostImages, load_images
+from mltl.data.domain import prepare_images
+from mltl.data.stream import HostImages, load_images
 
 CONFIG = """
 [run]
@@ -60,7 +60,7 @@ def memmap_plugin(fresh_plugins, tmp_path):
 
 
 def _run(tmp_path, name, budget, monkeypatch):
-    from mltl import chain
+    from mltl.running import chain
 
     seen = []
     real = chain.load_images
@@ -78,7 +78,7 @@ def _run(tmp_path, name, budget, monkeypatch):
 
 
 def test_streamed_run_equals_resident_run(memmap_plugin, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="mltl.stream")
+    caplog.set_level(logging.INFO, logger="mltl.data.stream")
     resident, seen_r = _run(tmp_path, "resident", "", monkeypatch)
     streamed, seen_s = _run(tmp_path, "streamed", "device_memory_budget_gb = 0.00001", monkeypatch)
     assert isinstance(seen_r[0][1], torch.Tensor)

@@ -12,7 +12,7 @@ pytest.importorskip("tensorboard", reason="the tensorboard reporter needs the te
 def test_tensorboard_scalars_match_the_history(tmp_path, tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mltl.reporting import make_reporters
+    from mltl.evaluation.reporting import make_reporters
     from mltl.plugins import get_registry
 
     cfg = mltl.load_config(tiny_config(), ["stages.source.backbone=gfe-1", "stages.intermediate.freeze=C1"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mltl import ConfigError, get_registry
-from mltl.network import HeadSpec, build_network, make_spec
+from mltl.networks.network import HeadSpec, build_network, make_spec
 
 timm = pytest.importorskip("timm")
 
@@ -56,7 +56,7 @@ train = {{ epochs = 2, batch_size = 8, optimizer = "sgd", lr = 0.01, lr_decay = 
 
 def test_resnet18_trains_in_a_chain_and_frozen_stages_stay_bit_identical(tmp_path):
     import mltl
-    from mltl.rundir import load_weights
+    from mltl.running.rundir import load_weights
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(CHAIN.format(weights=""))

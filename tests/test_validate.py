@@ -1,6 +1,6 @@
 """`mltl validate` refuses every config that `mltl run` refuses before training, with the same one line
 (docs/errors.md: the config rows, the data rows a config can cause, leakage, fine-tuning and freezing).
-Both go through mltl.preflight.prepare; these cases keep them from drifting apart again."""
+Both go through mltl.running.preflight.prepare; these cases keep them from drifting apart again."""
 
 import numpy as np
 import pytest

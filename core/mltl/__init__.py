@@ -16,8 +16,8 @@ test, :func:`register_plugin` registers a module or object whose functions carry
 The interfaces a plugin implements or returns: :class:`Domain`, :class:`Trunk` (wrapped by mltl into a
 :class:`Network`), freeze policies (:class:`FreezePolicy`), and reporters (:class:`Reporter`).
 
-``mltl.predict``, ``mltl.export`` and ``mltl.compare`` are the functions; their modules stay importable
-as ``from mltl.predict import ...``.
+``mltl.predict``, ``mltl.export`` and ``mltl.compare`` are the functions; their modules are
+``mltl.deploy.predict``, ``mltl.deploy.export`` and ``mltl.running.compare``.
 
 The plugin API: this module is the one thing a plugin imports from mltl (``from mltl import ...``, the
 names in ``__all__``). Besides the interfaces above it offers the helpers plugins share with the core:
@@ -34,31 +34,44 @@ the blocks a report hook returns (:class:`StageReport`, :class:`Heading`, :class
 
 from __future__ import annotations
 
-from .version import __version__
-
 from .builtins import class_folders
-from .chain import RunResult, run
-from .compare import Comparison, compare
 from .config import Config, InputConfig, Stage, StageConfig, load_config
-from .domain import Domain, make_splits, prepare_images
+from .data.domain import Domain, make_splits, prepare_images
+from .data.images import IMAGE_SUFFIXES, is_dicom_file, read_image
+from .data.manifest import read_manifest
+from .data.privacy import pseudonym, resolve_salt
+from .deploy.export import ExportResult, export
+from .deploy.predict import TrainedStage, load_stage, predict
 from .errors import ConfigError, UserError, did_you_mean
-from .export import ExportResult, export
-from .freeze import FreezePolicy
+from .evaluation.report import Figure, Heading, Para, StageReport, Table
+from .evaluation.reporting import Reporter
+from .evaluation.results import Predictions, StageResult
+from .evaluation.stats import (
+                    bootstrap_auc_ci,
+                    bootstrap_macro_aucs,
+                    check_scores,
+                    delong_test,
+                    macro_auc,
+                    paired_bootstrap,
+                    scored_classes,
+                    stratified_resamples,
+)
 from .hookspecs import hookimpl
-from .images import IMAGE_SUFFIXES, is_dicom_file, read_image
-from .manifest import read_manifest
-from .network import HeadSpec, Network, Trunk
-from .preflight import validate
+from .networks.freeze import FreezePolicy
+from .networks.network import HeadSpec, Network, Trunk
 from .plugins import get_registry, register_plugin, unregister_plugin
-from .predict import TrainedStage, load_stage, predict
-from .privacy import pseudonym, resolve_salt
-from .report import Figure, Heading, Para, StageReport, Table
-from .reporting import Reporter
-from .results import Predictions, StageResult
-from .rundir import load_network, read_predictions, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .stats import (bootstrap_auc_ci, bootstrap_macro_aucs, check_scores, delong_test, macro_auc,
-                    paired_bootstrap, scored_classes, stratified_resamples)
-from .train import normalise
+from .running.chain import RunResult, run
+from .running.compare import Comparison, compare
+from .running.preflight import validate
+from .running.rundir import (
+                    load_network,
+                    read_predictions,
+                    write_bytes_atomic,
+                    write_json_atomic,
+                    write_text_atomic,
+)
+from .training.train import normalise
+from .version import __version__
 
 __all__ = [
     "Comparison", "Config", "ConfigError", "Domain", "ExportResult", "FreezePolicy", "HeadSpec", "Network",
@@ -69,7 +82,7 @@ __all__ = [
     "IMAGE_SUFFIXES", "InputConfig", "class_folders", "did_you_mean", "is_dicom_file", "load_network",
     "make_splits", "normalise", "prepare_images", "pseudonym", "read_image", "read_manifest",
     "read_predictions", "resolve_salt", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
-    # AUCs and their one bootstrap (mltl.stats); report blocks for the report hooks (mltl.report)
+    # AUCs and their one bootstrap (mltl.evaluation.stats); report blocks for the report hooks (mltl.evaluation.report)
     "bootstrap_auc_ci", "bootstrap_macro_aucs", "check_scores", "delong_test", "macro_auc", "paired_bootstrap",
     "scored_classes", "stratified_resamples", "Figure", "Heading", "Para", "StageReport", "Table",
 ]

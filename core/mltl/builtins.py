@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fractal as _fractal
-from .domain import Domain
-from .errors import UserError
-from .freeze import freeze_all_but_classifier, freeze_inherited, freeze_none
-from .hookspecs import hookimpl
+from .data import fractal as _fractal
+from .data.domain import Domain
 
 # image decoding (formats, bit depths, transparency, bad files) lives in images.py; re-exported here
-from .images import IMAGE_SUFFIXES, read_image  # noqa: E402,F401
+from .data.images import IMAGE_SUFFIXES, read_image  # noqa: E402,F401
+from .errors import UserError
+from .hookspecs import hookimpl
+from .networks.freeze import freeze_all_but_classifier, freeze_inherited, freeze_none
 
 
 def fractal_domain(classes: int = 5, images_per_class: int = 200, seed: int = 0, channels: int = 3,
@@ -70,10 +70,10 @@ def image_folder_domain(root: str, classes: list[str] | None = None, channels: i
             paths.append(f)
             labels.append(c)
             ids.append(f.relative_to(base).as_posix())
-    # decoded once: later loads come from the decode cache (mltl.cache), keyed by file content and settings
+    # decoded once: later loads come from the decode cache (mltl.data.cache), keyed by file content and settings
     from functools import partial
 
-    from .cache import cached_decode
+    from .data.cache import cached_decode
 
     images = cached_decode(paths, {"reader": "image-folder", "size": side, "channels": channels},
                            partial(read_image, channels=channels, size=side, who="image-folder"),
@@ -88,8 +88,8 @@ def image_folder_domain(root: str, classes: list[str] | None = None, channels: i
 def register_domains(register):
     register("fractal", fractal_domain)
     register("image-folder", image_folder_domain)
-    from .manifest import csv_manifest_domain
-    from .medmnist import medmnist_domain
+    from .data.manifest import csv_manifest_domain
+    from .data.medmnist import medmnist_domain
 
     register("csv-manifest", csv_manifest_domain)
     register("medmnist", medmnist_domain)

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import re
+import tomllib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -26,9 +27,7 @@ from typing import Any, Literal
 import attrs
 
 from .errors import ConfigError, UserError, did_you_mean
-from .network import HeadSpec
-
-import tomllib
+from .networks.network import HeadSpec
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
 
@@ -69,7 +68,7 @@ def _group_lr(value) -> None:
 
 
 def _augment_items(instance, attribute, value) -> None:
-    from .augment import validate_items
+    from .data.augment import validate_items
 
     validate_items(instance, attribute, value)
 

@@ -20,7 +20,7 @@ and the values against its annotations where they are plain types (``int``, ``fl
 
 The ``mltl_*`` event hooks are called while a chain runs, in every installed plugin, for loggers and
 trackers. Reporters chosen in the config receive the same events as methods (see
-:mod:`mltl.reporting`). Under ``torchrun`` both are called in the rank-0 process only, once per run.
+:mod:`mltl.evaluation.reporting`). Under ``torchrun`` both are called in the rank-0 process only, once per run.
 
 The ``mltl_report_*`` and ``mltl_comparison_*`` hooks are asked, in every plugin, what to add to the run
 report and to ``mltl compare``'s comparison; they answer with blocks (:class:`mltl.Heading`,
@@ -70,7 +70,7 @@ def register_freeze_policies(register):
 
 @hookspec
 def register_reporters(register):
-    """Provide reporters: objects told about a run as it happens (see :class:`mltl.reporting.Reporter`).
+    """Provide reporters: objects told about a run as it happens (see :class:`mltl.evaluation.reporting.Reporter`).
 
     ``register(name, factory, description="", *, opt_in=False)``: ``factory(**options) -> reporter``. A
     run uses the reporters named in ``[run] reporters``; by default, every registered one not marked
@@ -96,12 +96,12 @@ def mltl_epoch_ended(stage_name: str, variant: str, epoch: int, metrics: dict):
 
 @hookspec
 def mltl_stage_finished(result):
-    """A stage finished: ``result`` is a :class:`mltl.results.StageResult` (selected model, test split)."""
+    """A stage finished: ``result`` is a :class:`mltl.evaluation.results.StageResult` (selected model, test split)."""
 
 
 @hookspec
 def mltl_run_finished(results, run_dir):
-    """The whole chain finished: ``results`` lists every stage's :class:`mltl.results.StageResult`."""
+    """The whole chain finished: ``results`` lists every stage's :class:`mltl.evaluation.results.StageResult`."""
 
 
 @hookspec
@@ -128,7 +128,7 @@ def mltl_report_run(results, run_dir):
 def mltl_comparison_figures(chains, out_dir):
     """Draw figures for ``mltl compare`` into ``out_dir``; return them as :class:`mltl.Figure` blocks.
 
-    ``chains``: one :class:`mltl.compare.ChainScores` per compared chain, in table order: its name, the
+    ``chains``: one :class:`mltl.running.compare.ChainScores` per compared chain, in table order: its name, the
     target predictions it is judged on (the same images for every chain) and the 95% CI of their macro
     AUC printed in ``comparison.md``. The figures follow the table in ``comparison.md`` and
     ``comparison.html``.

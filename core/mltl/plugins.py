@@ -17,6 +17,7 @@ import types
 import typing
 import warnings
 from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
 from typing import Any
 
 import attrs
@@ -24,8 +25,6 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, UserError, did_you_mean
-
-from importlib.metadata import entry_points
 
 ENTRY_POINT_GROUP = "mltl"
 KINDS = ("domain", "backbone", "freeze policy", "reporter")
@@ -277,7 +276,7 @@ class Hooks:
         self._pm = pm
 
     def _events(self) -> Any:
-        from . import distributed
+        from .training import distributed
 
         return self._pm.hook if distributed.is_writer() else None
 

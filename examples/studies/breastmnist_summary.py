@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from mltl.stats import paired_bootstrap
+from mltl.evaluation.stats import paired_bootstrap
 
 
 def read(path: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:

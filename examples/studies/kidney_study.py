@@ -7,7 +7,7 @@ natural images (../shared/data/natural_images_30px, 8 classes)
   -> a rare-style target of *disjoint* kidney CT images: normal / cyst / tumour, about 40 per class.
 
 The kidney CT set has no patient ids and many near-identical neighbouring slices. Before anything is
-split, every image is put in a near-duplicate group (``mltl.datacheck.near_duplicate_groups``: exact
+split, every image is put in a near-duplicate group (``mltl.data.datacheck.near_duplicate_groups``: exact
 duplicates and perceptual-hash neighbours, joined transitively). Whole groups go to either the target or
 the intermediate domain, never both, and the group is the split unit inside each domain (the manifests'
 ``group`` column), so no slice has a near-twin on the other side of any split or stage boundary.
@@ -69,7 +69,7 @@ train = {{ epochs = {target_epochs}, batch_size = 16, optimizer = "adamw", lr = 
 def build_manifests(data: Path, out: Path, *, per_class: int, groups_per_class: int, seed: int,
                     size: int, min_group: int = 5) -> dict[str, int]:
     from mltl.builtins import image_folder_domain
-    from mltl.datacheck import near_duplicate_groups
+    from mltl.data.datacheck import near_duplicate_groups
 
     root = data / "ct_kidney"
     dom = image_folder_domain(str(root), channels=1, image_size=size)

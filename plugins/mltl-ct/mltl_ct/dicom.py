@@ -2,7 +2,7 @@
 
 Layout: ``root`` is a folder with one sub-folder per class; below each, single DICOM files and/or series
 folders (any depth). Or ``manifest``: a CSV with ``path`` (a DICOM file or a series folder, relative to the
-CSV) and ``label`` columns, and optionally a patient id and a ``split`` column (see :mod:`mltl.manifest`).
+CSV) and ``label`` columns, and optionally a patient id and a ``split`` column (see :mod:`mltl.data.manifest`).
 A file counts as DICOM when it has the Part 10 preamble (``DICM`` at byte 128; series files often have no
 extension) or ends in ``.dcm``/``.dicom``/``.ima``; ``DICOMDIR`` files and hidden files are skipped.
 
@@ -16,7 +16,7 @@ JPEG baseline through Pillow, JPEG lossless and JPEG-LS need ``pylibjpeg pylibjp
 
 Privacy: patient grouping uses ``PatientID`` (``group_by = "patient"``), ``StudyInstanceUID``
 (``"study"``) or ``SeriesInstanceUID`` (``"series"``), the first non-empty of them in that order from the one
-asked for; the value is turned at once into a salted pseudonym (:mod:`mltl.privacy`) and only the
+asked for; the value is turned at once into a salted pseudonym (:mod:`mltl.data.privacy`) and only the
 pseudonym is kept. No other tag is read into the domain; image ids are file paths relative to the root (or
 as the manifest writes them), so name folders and files without patient names. pydicom's warnings, which
 can quote element values, are silenced while reading.

@@ -2,7 +2,7 @@
 
 Layout: ``root`` with one sub-folder per class holding volumes, or ``manifest``: a CSV with ``path`` (a
 volume, relative to the CSV) and ``label``, optionally a patient id and a ``split`` (see
-:mod:`mltl.manifest`).
+:mod:`mltl.data.manifest`).
 
 Values: nibabel's ``get_fdata()``, which applies the header's ``scl_slope``/``scl_inter``; for CT volumes
 these are HU. Volumes must be 3D (a 4D file with a single volume is accepted); anything else is an error.
@@ -17,7 +17,7 @@ middle half); then, with ``mask_suffix``, only slices where the mask/label volum
 ``min_mask_voxels`` non-zero voxels; then every ``every``-th of those.
 
 Each volume is one group (its slices never straddle two splits); with a manifest patient column, one
-patient's volumes form one group (a salted pseudonym, :mod:`mltl.privacy`). Voxel spacing is not
+patient's volumes form one group (a salted pseudonym, :mod:`mltl.data.privacy`). Voxel spacing is not
 resampled: slices are resized to the square input size, so strongly anisotropic coronal or sagittal slices
 are stretched.
 """

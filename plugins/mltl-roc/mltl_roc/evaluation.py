@@ -2,7 +2,7 @@
 
 Everything here is computed from ``(labels, probs)`` (and case keys), the columns of a stage's
 ``predictions.csv``, with scikit-learn doing the metric arithmetic, so anyone can recompute every number
-from that file. Conventions follow :mod:`mltl.stats`: one-vs-rest per class, classes absent from the
+from that file. Conventions follow :mod:`mltl.evaluation.stats`: one-vs-rest per class, classes absent from the
 test split left out of macro averages, and a two-class problem's AUC is that of column 1.
 """
 

@@ -1,6 +1,6 @@
 """ROC curves and ROC figures.
 
-Conventions (those of :mod:`mltl.stats`, where the macro AUC and its bootstrap CI live):
+Conventions (those of :mod:`mltl.evaluation.stats`, where the macro AUC and its bootstrap CI live):
 
 * ``labels`` is an ``(N,)`` array of true class indices, ``probs`` an ``(N, C)`` array whose column ``k``
   scores class ``k`` (as in :class:`mltl.Predictions`).

@@ -1,0 +1,1 @@
+"""Using a trained stage: mltl predict and mltl export."""

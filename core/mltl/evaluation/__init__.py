@@ -1,0 +1,1 @@
+"""Evaluation: metrics, bootstrap and DeLong, stage results, reports and reporters, and transferability ranking."""

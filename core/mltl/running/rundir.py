@@ -1,0 +1,443 @@
+"""The run directory: its layout (the only module that knows its file names), atomic writes, and the one
+writer and reader of a finished stage.
+
+Every file mltl writes goes to a temporary file in the same folder first and is then renamed over the
+target (``os.replace`` is atomic on POSIX and Windows), so a crash leaves the old file or the new one,
+never half of one. Completion markers are written last: ``variant.json`` marks a trained sweep variant,
+``metrics.json`` a finished stage (or repeat), so ``--resume`` trusts nothing half-written.
+
+Layout (:class:`RunFiles`, :class:`StageFiles`)::
+
+    RUN/config.toml  environment.json  state.json  reused.json  report.md  report.html  .lock
+    RUN/STAGE/model.safetensors  model.json  metrics.json  predictions.csv  splits.csv  history.json
+              selection.json (a sweep)  repeats.json  oof_predictions.csv (a repeated protocol)
+    RUN/STAGE/variants/LABEL/...  (one trained sweep variant: model, history, splits, variant.json)
+    RUN/STAGE/repeats/LABEL/...   (one fold / draw / seed: a complete stage of its own)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..evaluation.results import Predictions
+from ..networks.network import Network, build_network
+from ..training import distributed as _distributed
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    if not _distributed.is_writer():  # under torchrun only rank 0 writes (mltl.training.distributed)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as its JSON file holds it: tuples as lists, numpy scalars as numbers, NaN as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null means "undefined" (e.g. AUC with one class present)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return jsonable(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def save_weights_atomic(path: Path, state: dict[str, torch.Tensor], metadata_: dict[str, str]) -> None:
+    """Weights as safetensors (no pickle), with string metadata (the network spec as JSON)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    write_bytes_atomic(path, save(tensors, metadata=metadata_))
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except FileNotFoundError:
+        raise UserError(f"{path}: weights file not found") from None
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable safetensors weights file ({exc}); re-run the stage") from None
+
+
+def choose_run_dir(out: str | None, name: str) -> Path:
+    """``out`` as given (must be new or empty), else ``runs/<name>``, ``runs/<name>-2``, ... (never reused)."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(f"{path}: the run directory already exists and is not empty; "
+                            f"choose another --out or move the old run away")
+        return path
+    base = Path("runs") / name
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{name}-{k}")
+    return path
+
+
+def environment(device: torch.device, seed: int) -> dict[str, Any]:
+    """Versions, hardware and seed: what a reviewer needs to reproduce a number."""
+    packages = {}
+    for dist in ("mltl", "mltl-gfe", "mltl-ct", "mltl-samala", "mltl-roc", "torch", "torchvision", "timm",
+                 "numpy", "scikit-learn", "pluggy", "attrs", "rich", "safetensors", "matplotlib", "Pillow"):
+        try:
+            packages[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    env: dict[str, Any] = {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": sys.argv,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "seed": seed,
+        "packages": packages,
+    }
+    if device.type == "cuda":
+        env["cuda"] = {"name": torch.cuda.get_device_name(device), "version": torch.version.cuda,
+                       "capability": list(torch.cuda.get_device_capability(device))}
+    return env
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``.lock`` holding host and pid).
+
+    A second ``mltl run`` on the same directory is refused with a clear message; a lock left by a process
+    that no longer exists on this host is stale and taken over.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = RunFiles(Path(run_dir)).lock
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        me = f"{platform.node()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
+                host, _, pid = owner.partition(" ")
+                if host == platform.node() and pid.isdigit() and not _alive(int(pid)):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise UserError(
+                    f"{self.path.parent}: the run directory is in use by process {pid or '?'} on {host or '?'}; "
+                    f"wait for it to finish, or if that process is gone, delete {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise UserError(f"{self.path}: could not take the run directory's lock")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_predictions(path: Path, split: str, classes: tuple[str, ...]) -> Predictions:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    return Predictions(ids=tuple(r["id"] for r in rows), split=split,
+                       labels=np.array([classes.index(r["label"]) for r in rows], dtype=np.int64),
+                       probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+                       .reshape(len(rows), len(classes)),
+                       classes=classes,
+                       groups=tuple(r["group"] for r in rows) if rows and all(r.get("group") for r in rows) else None)
+
+
+def load_network(path: Path, registry: Any = None) -> Network:
+    """A network saved by mltl: the spec from the safetensors metadata, then the weights (strict)."""
+    from ..plugins import get_registry
+
+    registry = registry or get_registry()
+    state, meta = load_weights(path)
+    try:
+        spec = json.loads(meta["spec"])
+        net = build_network(spec, registry)
+        net.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: weights do not match the network they describe ({exc}); "
+                        f"delete the file to re-run that step") from None
+    return net
+
+
+# ---------------------------------------------------------------- the layout
+
+
+def safe_name(label: str) -> str:
+    """A sweep label as a folder name: ``freeze=C1-C2`` stays, ``lr=0.1,freeze=C1`` becomes ``lr=0.1+freeze=C1``."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", label.replace(",", "+"))
+
+
+@attrs.frozen
+class StageFiles:
+    """The files of one stage, of one repeat of it, or of one sweep variant (the same names in each)."""
+
+    root: Path
+
+    MODEL = "model.safetensors"
+    MODEL_JSON = "model.json"
+    METRICS = "metrics.json"  # written last: marks the stage (or repeat) finished
+    PREDICTIONS = "predictions.csv"
+    SPLITS = "splits.csv"
+    HISTORY = "history.json"
+    SELECTION = "selection.json"
+    VARIANT = "variant.json"  # written last: marks a sweep variant trained
+    CHECKPOINT = "checkpoint.pt"
+    REPEATS_JSON = "repeats.json"
+    OOF_PREDICTIONS = "oof_predictions.csv"
+    #: what a repeated stage copies from its representative repeat into its own folder
+    REPRESENTATIVE = (MODEL, MODEL_JSON, HISTORY, PREDICTIONS, SPLITS, SELECTION)
+
+    model = property(lambda self: self.root / self.MODEL)
+    model_json = property(lambda self: self.root / self.MODEL_JSON)
+    metrics = property(lambda self: self.root / self.METRICS)
+    predictions = property(lambda self: self.root / self.PREDICTIONS)
+    splits = property(lambda self: self.root / self.SPLITS)
+    history = property(lambda self: self.root / self.HISTORY)
+    selection = property(lambda self: self.root / self.SELECTION)
+    variant_record = property(lambda self: self.root / self.VARIANT)
+    checkpoint = property(lambda self: self.root / self.CHECKPOINT)
+    repeats_json = property(lambda self: self.root / self.REPEATS_JSON)
+    oof_predictions = property(lambda self: self.root / self.OOF_PREDICTIONS)
+
+    def repeat(self, label: str) -> StageFiles:
+        return StageFiles(self.root / "repeats" / label)
+
+    def variant(self, label: str) -> StageFiles:
+        return StageFiles(self.root / "variants" / safe_name(label))
+
+    def variants(self) -> list[StageFiles]:
+        """The sweep variants saved under this stage, in name order."""
+        folder = self.root / "variants"
+        return [StageFiles(p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.is_dir() else []
+
+
+@attrs.frozen
+class RunFiles:
+    """The files of a run directory."""
+
+    root: Path
+
+    config = property(lambda self: self.root / "config.toml")
+    environment = property(lambda self: self.root / "environment.json")
+    state = property(lambda self: self.root / "state.json")
+    reused = property(lambda self: self.root / "reused.json")
+    report_md = property(lambda self: self.root / "report.md")
+    report_html = property(lambda self: self.root / "report.html")
+    lock = property(lambda self: self.root / ".lock")
+
+    def environment_resumed(self, time_utc: str) -> Path:
+        return self.root / f"environment-resume-{time_utc.replace(':', '')}.json"
+
+    def stage(self, name: str) -> StageFiles:
+        return StageFiles(self.root / name)
+
+
+# ---------------------------------------------------------------- writing and reading a stage
+
+
+def predictions_csv(rows: list[Predictions]) -> str:
+    """``predictions.csv``: id, split, label, group (salted case key or empty), one probability per class."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    classes = rows[0].classes
+    w.writerow(["id", "split", "label", "group"] + [f"p_{c}" for c in classes])
+    for p in rows:
+        for i in range(len(p)):
+            w.writerow([p.ids[i], p.split, classes[p.labels[i]], p.groups[i] if p.groups is not None else ""]
+                       + [repr(float(v)) for v in p.probs[i]])
+    return buf.getvalue()
+
+
+def splits_csv(ids: Any, classes: Any, labels: Any, splits: dict[str, np.ndarray]) -> str:
+    """``splits.csv``: id, label, split of every image of the stage's domain that a split holds."""
+    rows = io.StringIO()
+    wr = csv.writer(rows, lineterminator="\n")
+    wr.writerow(["id", "label", "split"])
+    for s, idx in splits.items():
+        for i in idx:
+            wr.writerow([ids[i], classes[labels[i]], s])
+    return rows.getvalue()
+
+
+def write_splits(path: Path, text: str, check: bool = False) -> None:
+    """Write a split assignment; with ``check`` (a resumed run), refuse one that differs from the saved one
+    (a saved file cut off by a crash is the beginning of ``text``: that is damage, and rewriting repairs it)."""
+    if check and path.is_file() and not text.startswith(path.read_text()):
+        raise UserError(f"{path} does not match the split this run makes now (the file is damaged, or the data "
+                        f"or split settings changed since the run started): restore the data, or delete "
+                        f"{path.parent} to re-run that step from the start")
+    write_text_atomic(path, text)
+
+
+def write_variant(files: StageFiles, net: Network, history: Any, record: dict[str, Any]) -> None:
+    """A trained sweep variant: weights, history, then ``variant.json`` (its completion marker)."""
+    save_weights_atomic(files.model, net.state_dict(), {"spec": json.dumps(net.spec)})
+    write_json_atomic(files.history, history)
+    write_json_atomic(files.variant_record, record)
+    if _distributed.is_writer():
+        files.checkpoint.unlink(missing_ok=True)
+
+
+def read_variant(files: StageFiles) -> dict[str, Any] | None:
+    """The record of a finished variant, or None (never finished, or damaged: then it is trained again)."""
+    try:
+        record = json.loads(files.variant_record.read_text())
+        load_weights(files.model)
+        json.loads(files.history.read_text())
+        return record if {"candidate", "start", "note"} <= set(record) else None
+    except (OSError, ValueError, UserError):
+        return None
+
+
+def write_stage(files: StageFiles, *, net: Network, model_json: dict[str, Any], history: Any,
+                predictions: list[Predictions], splits: str, selection: dict[str, Any] | None,
+                metrics: dict[str, Any]) -> None:
+    """A finished stage (or repeat): every file, then ``metrics.json``, which marks it finished."""
+    if selection is not None:
+        write_json_atomic(files.selection, selection)
+    save_weights_atomic(files.model, net.state_dict(), {"spec": json.dumps(net.spec)})
+    write_text_atomic(files.model_json, json.dumps(model_json, indent=2) + "\n")
+    write_json_atomic(files.history, history)
+    write_text_atomic(files.predictions, predictions_csv(predictions))
+    write_splits(files.splits, splits)
+    write_json_atomic(files.metrics, metrics)
+
+
+def write_repeated_stage(files: StageFiles, representative: str, oof_csv: str | None,
+                         repeats: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """A stage of a repeated protocol: its representative repeat's files, the pooled out-of-fold predictions,
+    ``repeats.json``, and ``metrics.json`` last."""
+    rep = files.repeat(representative).root
+    for name in files.REPRESENTATIVE:
+        if (rep / name).is_file():
+            write_bytes_atomic(files.root / name, (rep / name).read_bytes())
+    if oof_csv is not None:
+        write_text_atomic(files.oof_predictions, oof_csv)
+    write_json_atomic(files.repeats_json, repeats)
+    write_json_atomic(files.metrics, metrics)
+
+
+class Damaged(Exception):
+    """A finished stage's file is damaged: the stage is finished again instead of trusted."""
+
+
+def read_stage(files: StageFiles, name: str, *, swept: bool | None = None, registry: Any = None,
+               network: bool = True) -> tuple[Any, Network | None]:
+    """A finished stage as saved: its :class:`mltl.StageResult` and (with ``network``) its selected network.
+
+    ``swept``: the stage is a sweep, so ``selection.json`` must be there (None: read it where it is). Every
+    file a later stage or a report relies on is checked; :class:`Damaged` names the first damaged one."""
+    from ..evaluation.results import StageResult
+
+    try:
+        what = files.metrics
+        metrics = json.loads(what.read_text())
+        classes = tuple(metrics["classes"])
+        what = files.predictions
+        test = read_predictions(what, "test", classes)
+        if len(test) != metrics["n_test"]:
+            raise ValueError(f"{len(test)} test rows, metrics.json says {metrics['n_test']}")
+        for what in (files.model_json, files.history):
+            json.loads(what.read_text())
+        what = files.splits
+        with open(what, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if len(rows) != sum(metrics["n_images"].values()) or any(r.get("split") is None for r in rows):
+            raise ValueError(f"{len(rows)} rows, metrics.json counts {sum(metrics['n_images'].values())} images")
+        what = files.selection
+        selection = json.loads(what.read_text()) if swept or (swept is None and what.is_file()) else None
+        what = files.model
+        net = load_network(what, registry) if network else None
+    except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+        raise Damaged(f"{what.name} is damaged or missing ({str(exc).splitlines()[0][:200]})") from None
+    result = StageResult(name=name, stage_dir=files.root, classes=classes, test=test, metrics=metrics,
+                         selection=selection)
+    return result, net
+
+
+def finished_repeat(files: StageFiles) -> bool:
+    try:
+        m = json.loads(files.metrics.read_text())
+        load_weights(files.model)
+        return isinstance(m, dict) and "auc_macro" in m
+    except (OSError, ValueError, UserError):
+        return False
+
+
+def copy_stage(src: Path, stage_dir: Path) -> None:
+    """Copy a finished stage folder whole into a temporary folder, then rename it: a crash leaves no
+    half-copied stage behind (and ``metrics.json``, which marks a stage finished, only ever with the rest)."""
+    tmp = stage_dir.parent / f".{stage_dir.name}.reuse-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    tmp.replace(stage_dir)
