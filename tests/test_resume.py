@@ -42,7 +42,10 @@ def outputs(run_dir: Path) -> dict:
     out = {}
     for stage in ("source", "intermediate", "target"):
         m = json.loads((run_dir / stage / "metrics.json").read_text())
-        out[stage] = {k: m[k] for k in ("auc_macro", "accuracy", "selected_variant", "best_epoch", "epochs_run")}
+        # trainable_parameters and frozen: a sweep winner finished before the interruption is reloaded with
+        # its frozen groups (it once counted every parameter as trainable)
+        out[stage] = {k: m[k] for k in ("auc_macro", "accuracy", "selected_variant", "best_epoch", "epochs_run",
+                                        "trainable_parameters", "frozen")}
         out[stage]["predictions"] = (run_dir / stage / "predictions.csv").read_text()
     return out
 

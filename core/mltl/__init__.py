@@ -24,7 +24,8 @@ names in ``__all__``). Besides the interfaces above it offers the helpers plugin
 reading images and manifests (:func:`is_dicom_file`, :func:`read_image`, :func:`read_manifest`,
 :func:`class_folders`), patient pseudonyms (:func:`pseudonym`, :func:`resolve_salt`), preprocessing as in
 training (:class:`InputConfig`, :func:`prepare_images`, :func:`normalise`, :func:`make_splits`), a finished
-stage (:func:`load_network`, :func:`read_predictions`), crash-safe writes (:func:`write_bytes_atomic`,
+stage (its files named by :class:`StageFiles` and :class:`RunFiles`, :func:`load_network`,
+:func:`read_predictions`), crash-safe writes (:func:`write_bytes_atomic`,
 :func:`write_json_atomic`, :func:`write_text_atomic`), messages (:func:`did_you_mean`), the macro AUC and
 its one stratified bootstrap (:func:`macro_auc`, :func:`bootstrap_auc_ci`, :func:`paired_bootstrap` ...), and
 the blocks a report hook returns (:class:`StageReport`, :class:`Heading`, :class:`Para`, :class:`Table`,
@@ -64,6 +65,8 @@ from .running.chain import RunResult, run
 from .running.compare import Comparison, compare
 from .running.preflight import validate
 from .running.rundir import (
+                    RunFiles,
+                    StageFiles,
                     load_network,
                     read_predictions,
                     write_bytes_atomic,
@@ -82,6 +85,7 @@ __all__ = [
     "IMAGE_SUFFIXES", "InputConfig", "class_folders", "did_you_mean", "is_dicom_file", "load_network",
     "make_splits", "normalise", "prepare_images", "pseudonym", "read_image", "read_manifest",
     "read_predictions", "resolve_salt", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
+    "RunFiles", "StageFiles",
     # AUCs and their one bootstrap (mltl.evaluation.stats); report blocks for the report hooks (mltl.evaluation.report)
     "bootstrap_auc_ci", "bootstrap_macro_aucs", "check_scores", "delong_test", "macro_auc", "paired_bootstrap",
     "scored_classes", "stratified_resamples", "Figure", "Heading", "Para", "StageReport", "Table",

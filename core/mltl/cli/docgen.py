@@ -12,15 +12,7 @@ import typing
 
 import attrs
 
-from ..config import (
-    BackboneRef,
-    DomainRef,
-    InputConfig,
-    RunSection,
-    SplitConfig,
-    StageConfig,
-    TrainConfig,
-)
+from ..config import BackboneRef, DomainRef, InputConfig, RunSection, SplitConfig, StageConfig, TrainConfig
 from ..networks.network import HeadSpec
 
 SECTIONS = [

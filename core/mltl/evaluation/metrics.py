@@ -7,12 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    roc_auc_score,
-)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, roc_auc_score
 
 HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "balanced_accuracy": True, "loss": False}
 METRIC_KEYS = {"auc": "auc_macro", "accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy",

@@ -31,14 +31,7 @@ import attrs
 
 from ..errors import UserError
 from ..plugins import get_registry, hooks
-from ..running.rundir import (
-    Damaged,
-    RunFiles,
-    RunLock,
-    StageFiles,
-    read_stage,
-    write_text_atomic,
-)
+from ..running.rundir import Damaged, RunFiles, RunLock, StageFiles, read_stage, write_text_atomic
 from .reporting import call, fmt, protocol_line
 from .results import StageResult
 

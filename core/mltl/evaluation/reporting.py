@@ -76,13 +76,7 @@ class ConsoleReporter:
     def stage_started(self, stage_name: str, stage_dir: Path) -> None:
         self._print(f"[{stage_name}] started -> {stage_dir}")
         if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             from ..cli.console import make_console
 

@@ -99,3 +99,32 @@ class Candidate:
         return cls(variant=d["variant"], selection_value=d["selection_value"], val=d["val"],
                    best_epoch=d["best_epoch"], epochs_run=d["epochs_run"], frozen=tuple(d["frozen"]),
                    train_seconds=d["train_seconds"])
+
+
+def selection_record(stage: Any, selected: Candidate, candidates: list[Candidate]) -> dict[str, Any]:
+    """``selection.json`` of a sweep: every candidate's validation score, the rule, the winner."""
+    return {"select_by": stage.select_by, "split": "val", "swept": list(stage.swept),
+            "selected": selected.variant, "candidates": [c.to_json() for c in candidates],
+            "rule": f"highest validation {stage.select_by}" if stage.select_by != "loss" else "lowest validation loss",
+            "ties": "the first listed variant wins"}
+
+
+def stage_metrics(stage: Any, selected: Candidate, test: dict[str, Any], *, classes: tuple[str, ...], domain: str,
+                  start: str, note: str, trainable: int, n_images: dict[str, int], class_counts: Any,
+                  repeat: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``metrics.json`` of a stage (or one repeat): the selected variant's test metrics (``test``, from
+    :func:`mltl.evaluation.metrics.classification_metrics`), its validation score and how it was made."""
+    metrics = {
+        "stage": stage.name, "split": "test",
+        "auc_macro": test["auc_macro"], "accuracy": test["accuracy"], "balanced_accuracy": test["balanced_accuracy"],
+        "n_test": test["n"], "loss": test["loss"], "auc_per_class": test["auc_per_class"],
+        "confusion_matrix": test["confusion_matrix"], "classes": list(classes),
+        "val": {**selected.val, "selection_value": selected.selection_value}, "select_by": stage.select_by,
+        "selected_variant": selected.variant or None, "domain": domain, "start": start, "inherited": note,
+        "frozen": list(selected.frozen), "trainable_parameters": trainable, "best_epoch": selected.best_epoch,
+        "epochs_run": selected.epochs_run, "train_seconds": selected.train_seconds, "n_images": n_images,
+        "class_counts": class_counts,
+    }
+    if repeat is not None:
+        metrics["repeat"] = repeat
+    return metrics

@@ -27,44 +27,20 @@ from ..errors import ConfigError, UserError
 from ..evaluation.metrics import classification_metrics, is_better, metric_value
 from ..evaluation.report import write_report
 from ..evaluation.reporting import ConsoleReporter, Events, make_reporters
-from ..evaluation.results import Candidate, Predictions, StageResult, group_keys
+from ..evaluation.results import (Candidate, Predictions, StageResult, group_keys, selection_record,
+                                  stage_metrics)
 from ..networks.freeze import FreezePolicy
 from ..networks.network import HeadSpec, Network, build_network, derive, make_spec
 from ..plugins import Hooks, Registry, get_registry
 from ..training import distributed
-from ..training.train import (
-    Interrupted,
-    StopOnSignal,
-    TensorData,
-    checkpoint_seconds,
-    fit,
-    predict_proba,
-)
+from ..training.train import Interrupted, StopOnSignal, TensorData, checkpoint_seconds, fit, predict_proba
 from .plan import StagePlan, domain_key
 from .preflight import ChainPlan, prepare, resolve_device
 from .protocols import Repeat, summarise_repeats
 from .resume import check_reuse_dirs, find_earlier, resume_dir
-from .rundir import (
-    Damaged,
-    RunFiles,
-    RunLock,
-    StageFiles,
-    choose_run_dir,
-    copy_stage,
-    environment,
-    finished_repeat,
-    jsonable,
-    load_network,
-    read_stage,
-    read_variant,
-    splits_csv,
-    write_json_atomic,
-    write_repeated_stage,
-    write_splits,
-    write_stage,
-    write_text_atomic,
-    write_variant,
-)
+from .rundir import (Damaged, RunFiles, RunLock, StageFiles, choose_run_dir, copy_stage, environment, finished_repeat,
+                    jsonable, load_network, read_stage, read_variant, splits_csv, write_json_atomic,
+                    write_repeated_stage, write_splits, write_stage, write_text_atomic, write_variant)
 
 log = logging.getLogger("mltl")
 
@@ -257,6 +233,7 @@ class _StageRunner:
                 candidates.append(cand)
                 if best is None or is_better(cand.selection_value, best.candidate.selection_value, stage.select_by):
                     net = load_network(vfiles.model, self.registry).to(self.device)
+                    net.set_frozen(frozenset(cand.frozen))  # as it trained: metrics.json counts trainable weights
                     val = _predictions(net, domain, splits["val"], "val", data["val"].x, self.config.input)
                     best = _Trained(cand, net.to("cpu"), cfg, domain, splits, val, record["start"], record["note"],
                                     json.loads(vfiles.history.read_text()))
@@ -317,29 +294,13 @@ class _StageRunner:
                test: Predictions, rep: Repeat) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The stage's (or one repeat's) record on disk; ``metrics.json`` last, which marks it finished."""
         stage, cand, cfg, domain, net = plan.stage, best.candidate, best.cfg, best.domain, best.net
-        test_metrics = classification_metrics(test.labels, test.probs, domain.classes)
-        selection = None
-        if len(stage.variants) > 1:
-            selection = {"select_by": stage.select_by, "split": "val", "swept": list(stage.swept),
-                         "selected": cand.variant, "candidates": [c.to_json() for c in candidates],
-                         "rule": f"highest validation {stage.select_by}" if stage.select_by != "loss"
-                         else "lowest validation loss", "ties": "the first listed variant wins"}
-        metrics = {
-            "stage": stage.name, "split": "test",
-            "auc_macro": test_metrics["auc_macro"], "accuracy": test_metrics["accuracy"],
-            "balanced_accuracy": test_metrics["balanced_accuracy"], "n_test": test_metrics["n"],
-            "loss": test_metrics["loss"], "auc_per_class": test_metrics["auc_per_class"],
-            "confusion_matrix": test_metrics["confusion_matrix"], "classes": list(domain.classes),
-            "val": {**cand.val, "selection_value": cand.selection_value}, "select_by": stage.select_by,
-            "selected_variant": cand.variant or None, "domain": cfg.domain.plugin,
-            "start": best.start, "inherited": best.note, "frozen": list(cand.frozen),
-            "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
-            "best_epoch": cand.best_epoch, "epochs_run": cand.epochs_run, "train_seconds": cand.train_seconds,
-            "n_images": {s: int(len(idx)) for s, idx in best.splits.items()},
-            "class_counts": split_counts(domain, best.splits),
-        }
-        if len(plan.repeats) > 1:
-            metrics["repeat"] = rep.row()
+        selection = selection_record(stage, cand, candidates) if len(stage.variants) > 1 else None
+        metrics = stage_metrics(
+            stage, cand, classification_metrics(test.labels, test.probs, domain.classes), classes=domain.classes,
+            domain=cfg.domain.plugin, start=best.start, note=best.note,
+            trainable=sum(p.numel() for p in net.parameters() if p.requires_grad),
+            n_images={s: int(len(idx)) for s, idx in best.splits.items()},
+            class_counts=split_counts(domain, best.splits), repeat=rep.row() if len(plan.repeats) > 1 else None)
         model_json = {"spec": net.spec, "input": attrs.asdict(self.config.input), "frozen": list(cand.frozen),
                       "domain": {"plugin": cfg.domain.plugin, "options": cfg.domain.options}}
         write_stage(files, net=net, model_json=model_json, history=best.history, predictions=[best.val, test],

@@ -15,14 +15,7 @@ import attrs
 import numpy as np
 
 from ..config import Config, Stage, StageConfig
-from ..data.domain import (
-    Domain,
-    check_split_classes,
-    deal_groups,
-    kfold_assignment,
-    make_splits,
-    subsample,
-)
+from ..data.domain import Domain, check_split_classes, deal_groups, kfold_assignment, make_splits, subsample
 from ..plugins import Registry
 from .protocols import Repeat, plan_repeats, resolve_protocol, splits_from_file
 

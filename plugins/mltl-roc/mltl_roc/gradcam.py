@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mltl import UserError
+from mltl import StageFiles, UserError
 
 log = logging.getLogger("mltl.roc")
 
@@ -69,7 +69,7 @@ def gradcam_maps(net, x: torch.Tensor, targets: list[int] | np.ndarray) -> np.nd
 
 
 def _test_rows(stage_dir: Path, classes: tuple[str, ...]) -> list[dict[str, Any]]:
-    with open(stage_dir / "predictions.csv", newline="") as f:
+    with open(StageFiles(stage_dir).predictions, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
     out = []
     for r in rows:
@@ -99,9 +99,10 @@ def stage_gradcam(stage_dir: Path, *, per_class: int = 2, registry=None) -> dict
     _captum()
     stage_dir = Path(stage_dir)
     registry = registry or get_registry()
-    info = json.loads((stage_dir / "model.json").read_text())
+    files = StageFiles(stage_dir)
+    info = json.loads(files.model_json.read_text())
     inp = InputConfig(**info["input"])
-    net = load_network(stage_dir / "model.safetensors", registry).to("cpu")
+    net = load_network(files.model, registry).to("cpu")
     classes = net.classes
     record: dict[str, Any] = {"stage": stage_dir.name, "method": "captum.attr.LayerGradCam, relu_attributions=True",
                               "layer_group": last_conv_group(net), "target": "the predicted class",
@@ -109,7 +110,7 @@ def stage_gradcam(stage_dir: Path, *, per_class: int = 2, registry=None) -> dict
     dom_info = info.get("domain") or {}
     try:
         domain = registry.create("domain", dom_info["plugin"], dict(dom_info.get("options") or {}),
-                                 key="model.json domain", source=str(stage_dir / "model.json"),
+                                 key="model.json domain", source=str(files.model_json),
                                  extra={"image_size": inp.size})
     except (UserError, KeyError, OSError) as exc:
         record["skipped"] = f"the stage's domain could not be re-created here ({exc})"
