@@ -2,6 +2,9 @@
 
 - :func:`env_info`: device, torch/CUDA versions, thread count, for every JSON line;
 - :func:`peak_memory`: peak GPU memory (CUDA) or peak RSS (CPU) of this process;
+- :func:`train_flops_per_image`, :func:`bf16_peak`, :func:`achieved`: training FLOPs per image (torch's
+  FlopCounterMode), the GPU's dense BF16 peak (:data:`BF16_DENSE_PEAK_TFLOPS`, with sources) and the
+  achieved TFLOP/s and fraction of that peak;
 - :func:`ensure_timm_backbone`: a registered mltl backbone for a timm model (the installed "timm" backbone
   when a plugin provides one, else one registered in-process with :func:`mltl.register_plugin`);
 - :func:`phantom_folder`: an image folder of CT phantom PNGs (for machines without ``../shared/data``);
@@ -74,14 +77,123 @@ def env_info(dev: torch.device) -> dict[str, Any]:
     return info
 
 
-def peak_memory(dev: torch.device) -> dict[str, float]:
-    """Peak GPU memory allocated by torch (CUDA), or peak resident set size of this process and of its
-    reaped children (CPU; Linux reports kilobytes)."""
+def peak_memory(dev: torch.device) -> dict[str, Any]:
+    """Peak GPU memory allocated (and reserved) by torch since the last ``torch.cuda.reset_peak_memory_stats``
+    (CUDA; the caller resets it at the start of each measurement), or, on the CPU, ``peak_gpu_mem_mb: null``
+    with the reason, and the peak resident set size of this process and of its reaped children (Linux
+    reports kilobytes)."""
     if dev.type == "cuda":
-        return {"peak_gpu_mem_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)}
+        return {"peak_gpu_mem_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
+                "peak_gpu_mem_reserved_mb": round(torch.cuda.max_memory_reserved(dev) / 2**20, 1)}
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_rss_mb": round(own, 1), "children_peak_rss_mb": round(kids, 1)}
+    return {"peak_gpu_mem_mb": None, "peak_gpu_mem_note": f"not measured: {dev.type} run, no CUDA memory",
+            "peak_rss_mb": round(own, 1), "children_peak_rss_mb": round(kids, 1)}
+
+
+# ---------------------------------------------------------------- FLOPs and the hardware peak
+
+# Dense (no 2:4 structured sparsity) BF16 Tensor Core peaks, TFLOP/s, per GPU at the boost clock, keyed by
+# the name torch.cuda.get_device_name reports. NVIDIA's datasheets print the BF16 Tensor Core figure "with
+# sparsity" (marked with an asterisk; 1,979 for H100/H200 SXM, 1,513 for H100 PCIe, 624 for A100); the dense
+# peak is half of it, which is what a dense convolution or matmul can reach.
+BF16_DENSE_PEAK_TFLOPS: dict[str, dict[str, Any]] = {
+    "NVIDIA H100 80GB HBM3": {
+        "model": "H100 SXM5 80GB", "tflops": 989.0,
+        "source": "NVIDIA H100 Tensor Core GPU Datasheet, table 'Technical Specifications', column H100 SXM, "
+                  "row 'BF16 Tensor Core' 1,979 TFLOPS with sparsity -> 989 dense "
+                  "(https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet)"},
+    "NVIDIA H100 PCIe": {
+        "model": "H100 PCIe 80GB", "tflops": 756.0,
+        "source": "NVIDIA H100 Tensor Core GPU Datasheet, column H100 PCIe, row 'BF16 Tensor Core' 1,513 TFLOPS "
+                  "with sparsity -> 756 dense "
+                  "(https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet)"},
+    "NVIDIA H200": {
+        "model": "H200 SXM 141GB (same GH100 compute as H100 SXM)", "tflops": 989.0,
+        "source": "NVIDIA H200 Tensor Core GPU datasheet / product page, column H200 SXM, row 'BF16 Tensor "
+                  "Core' 1,979 TFLOPS with sparsity -> 989 dense (https://www.nvidia.com/en-us/data-center/h200/)"},
+    "NVIDIA A100-SXM4-80GB": {
+        "model": "A100 SXM4 80GB", "tflops": 312.0,
+        "source": "NVIDIA A100 Tensor Core GPU Datasheet, row 'BF16 Tensor Core' 312 TFLOPS (624 with sparsity) "
+                  "(https://www.nvidia.com/en-us/data-center/a100/)"},
+    "NVIDIA A100-SXM4-40GB": {
+        "model": "A100 SXM4 40GB", "tflops": 312.0,
+        "source": "NVIDIA A100 Tensor Core GPU Datasheet, row 'BF16 Tensor Core' 312 TFLOPS (624 with sparsity) "
+                  "(https://www.nvidia.com/en-us/data-center/a100/)"},
+    "NVIDIA A100-PCIE-40GB": {
+        "model": "A100 PCIe 40GB", "tflops": 312.0,
+        "source": "NVIDIA A100 Tensor Core GPU Datasheet, row 'BF16 Tensor Core' 312 TFLOPS (624 with sparsity) "
+                  "(https://www.nvidia.com/en-us/data-center/a100/)"},
+    "NVIDIA A100 80GB PCIe": {
+        "model": "A100 PCIe 80GB", "tflops": 312.0,
+        "source": "NVIDIA A100 Tensor Core GPU Datasheet, row 'BF16 Tensor Core' 312 TFLOPS (624 with sparsity) "
+                  "(https://www.nvidia.com/en-us/data-center/a100/)"},
+}
+
+FLOPS_NOTE = ("training FLOPs per image = FLOPs that torch.utils.flop_counter.FlopCounterMode counts in one "
+              "forward + backward (no optimizer step) of one batch at the benchmark's size and dtype path, "
+              "divided by the batch size: matmul/addmm/bmm/convolution (and attention) FLOPs only, 2 per "
+              "multiply-add, forward and backward (weight and input gradients as autograd computes them; none "
+              "for the input image); normalisation, activations, pooling, the loss and the optimizer are not counted")
+
+
+def bf16_peak(dev: torch.device) -> dict[str, Any]:
+    """The device's dense BF16 Tensor Core peak from :data:`BF16_DENSE_PEAK_TFLOPS`:
+    ``{"peak_bf16_dense_tflops": float | None, "peak_source": str | None, "peak_note": str}``."""
+    if dev.type != "cuda":
+        return {"peak_bf16_dense_tflops": None, "peak_source": None,
+                "peak_note": f"no dense BF16 tensor peak for a {dev.type} run: fraction of peak not computed"}
+    name = torch.cuda.get_device_name(dev)
+    row = BF16_DENSE_PEAK_TFLOPS.get(name)
+    if row is None:
+        return {"peak_bf16_dense_tflops": None, "peak_source": None,
+                "peak_note": f"device {name!r} is not in bench_common.BF16_DENSE_PEAK_TFLOPS (add its dense BF16 "
+                             f"Tensor Core peak from NVIDIA's datasheet, half of the 'with sparsity' figure)"}
+    return {"peak_bf16_dense_tflops": row["tflops"], "peak_source": row["source"],
+            "peak_note": f"matched {name!r} exactly: {row['model']}, dense BF16 Tensor Core peak at boost clock"}
+
+
+def train_flops_per_image(net: torch.nn.Module, *, batch: int, channels: int, size: int, n_classes: int,
+                          dev: torch.device) -> dict[str, Any]:
+    """Training FLOPs per image of ``net`` (see :data:`FLOPS_NOTE`), counted on one forward + backward of a
+    random batch, the way the benchmark's loops run it (bf16 autocast and channels_last on CUDA). Gradients
+    are cleared afterwards; the weights are not changed."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cuda = dev.type == "cuda"
+    was_training = net.training
+    net.train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, channels, size, size), generator=g).to(dev)
+    y = (torch.arange(batch) % max(n_classes, 1)).to(dev)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = time.perf_counter()
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = net(x)
+        F.cross_entropy(logits.float(), y).backward()
+    total = int(counter.get_total_flops())
+    net.zero_grad(set_to_none=True)
+    net.train(was_training)
+    return {"train_flops_per_image": total / batch, "flops_counted_batch": batch,
+            "flops_count_seconds": round(time.perf_counter() - t, 3), "flops_note": FLOPS_NOTE}
+
+
+def achieved(flops_per_image: float | None, images_per_s: float | None, peak: dict[str, Any]) -> dict[str, Any]:
+    """Achieved TFLOP/s (FLOPs per image x images/s) and its fraction of the dense BF16 peak (null with the
+    reason when there is no peak)."""
+    if not flops_per_image or not images_per_s:
+        return {"achieved_tflops": None, "fraction_of_bf16_peak": None, "fraction_note": "no FLOP count or images/s"}
+    tf = flops_per_image * images_per_s / 1e12
+    out: dict[str, Any] = {"achieved_tflops": round(tf, 4)}
+    if peak.get("peak_bf16_dense_tflops"):
+        out["fraction_of_bf16_peak"] = round(tf / peak["peak_bf16_dense_tflops"], 5)
+    else:
+        out["fraction_of_bf16_peak"] = None
+        out["fraction_note"] = peak.get("peak_note")
+    return out
 
 
 def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:

@@ -25,7 +25,11 @@ process (clean peak-memory numbers, no state shared between loops), one warm-up 
 epoch by epoch (only one trains at any time; the order rotates every round), so a change in the load of a
 shared machine hits all three alike and the ratios stay comparable. Output: one JSON line per
 measurement on stdout; the last line is the summary with the ratios ``vs_bare`` (mltl / bare) and
-``vs_imagefolder`` (mltl / ImageFolder) of the first backbone, and per backbone.
+``vs_imagefolder`` (mltl / ImageFolder) of the first backbone, and per backbone. After its timed epochs each
+loop also counts the training FLOPs per image of its network (``torch.utils.flop_counter.FlopCounterMode``
+on one forward + backward of a batch; ``bench_common.FLOPS_NOTE``) and reports the achieved TFLOP/s and,
+on a GPU in ``bench_common.BF16_DENSE_PEAK_TFLOPS``, the fraction of its dense BF16 peak (null with the
+reason elsewhere), beside the peak GPU memory of the measurement.
 
     python benchmarks/train_throughput.py --quick                 # CPU, 1-2 minutes
     python benchmarks/train_throughput.py --quick --threads 1     # steadier on a CPU shared with other jobs
@@ -315,7 +319,20 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["images_per_s_train_only"] = round(len(train_idx) / tr, 2)
     else:
         out["median_epoch_cpu_seconds"] = round(bc.median([e["cpu"] for e in measured]), 4)
-    out.update(bc.peak_memory(dev))
+    out.update(bc.peak_memory(dev))  # before the FLOP count below, which must not add to it
+    # training FLOPs per image and the achieved TFLOP/s (after the timed epochs, so they are not disturbed)
+    peak = bc.bf16_peak(dev)
+    out.update(peak)
+    try:
+        out.update(bc.train_flops_per_image(net, batch=bs, channels=chans, size=size, n_classes=len(classes),
+                                            dev=dev))
+    except Exception as exc:  # noqa: BLE001 - a FLOP count must not cost the timing
+        out.update({"train_flops_per_image": None, "flops_error": f"{type(exc).__name__}: {exc}"})
+    out.update(bc.achieved(out["train_flops_per_image"], out["images_per_s"], peak))
+    if loop == "mltl":
+        ach = bc.achieved(out["train_flops_per_image"], out["images_per_s_train_only"], peak)
+        out["achieved_tflops_train_only"] = ach["achieved_tflops"]
+        out["fraction_of_bf16_peak_train_only"] = ach["fraction_of_bf16_peak"]
     out.update(bc.env_info(dev))
     return out
 
@@ -520,6 +537,29 @@ def main(argv: list[str] | None = None) -> int:
                 row["vs_imagefolder_best"] = round(ips_best["mltl"] / ips_best["imagefolder"], 3)
         if "bare" in ips and "imagefolder" in ips:
             row["bare_vs_imagefolder"] = round(ips["bare"] / ips["imagefolder"], 3)  # the most any loop could gain
+        # FLOPs, achieved TFLOP/s, fraction of the dense BF16 peak and peak GPU memory, per loop
+        first = {lp: v[0] for lp, v in by_loop.items() if v}
+        flops = {lp: r.get("train_flops_per_image") for lp, r in first.items()}
+        row["train_flops_per_image"] = flops
+        row["gflops_per_image"] = {lp: (round(f / 1e9, 3) if f else None) for lp, f in flops.items()}
+        row["achieved_tflops"] = {}
+        row["fraction_of_bf16_peak"] = {}
+        for lp in first:
+            ach = bc.achieved(flops[lp], ips.get(lp), first[lp])
+            row["achieved_tflops"][lp] = ach["achieved_tflops"]
+            row["fraction_of_bf16_peak"][lp] = ach["fraction_of_bf16_peak"]
+        if "mltl" in first and "mltl_images_per_s_train_only" in row:
+            ach = bc.achieved(flops["mltl"], row["mltl_images_per_s_train_only"], first["mltl"])
+            row["mltl_achieved_tflops_train_only"] = ach["achieved_tflops"]
+            row["mltl_fraction_of_bf16_peak_train_only"] = ach["fraction_of_bf16_peak"]
+        row["peak_gpu_mem_mb"] = {lp: r.get("peak_gpu_mem_mb") for lp, r in first.items()}
+        any_r = next(iter(first.values()))
+        row["peak_bf16_dense_tflops"] = any_r.get("peak_bf16_dense_tflops")
+        row["peak_source"] = any_r.get("peak_source")
+        row["peak_note"] = any_r.get("peak_note")
+        if any_r.get("peak_gpu_mem_note"):
+            row["peak_gpu_mem_note"] = any_r["peak_gpu_mem_note"]
+        row["flops_note"] = any_r.get("flops_note")
         summary["per_backbone"][key] = row
     primary = f"{backbones[0][0]}@{backbones[0][1]}"
     prow = summary["per_backbone"][primary]
