@@ -57,6 +57,8 @@ from .evaluation.stats import (
                     scored_classes,
                     stratified_resamples,
 )
+from .data.cache import cache_dir
+from .data.limits import check_decoded_bytes, check_image_pixels, few
 from .hookspecs import hookimpl
 from .networks.freeze import FreezePolicy
 from .networks.network import HeadSpec, Network, Trunk
@@ -64,15 +66,8 @@ from .plugins import get_registry, register_plugin, unregister_plugin
 from .running.chain import RunResult, run
 from .running.compare import Comparison, compare
 from .running.preflight import validate
-from .running.rundir import (
-                    RunFiles,
-                    StageFiles,
-                    load_network,
-                    read_predictions,
-                    write_bytes_atomic,
-                    write_json_atomic,
-                    write_text_atomic,
-)
+from .running.rundir import (RunFiles, StageFiles, load_network, read_predictions, unguard_csv_cell,
+                             write_bytes_atomic, write_json_atomic, write_text_atomic)
 from .training.train import normalise
 from .version import __version__
 
@@ -85,7 +80,8 @@ __all__ = [
     "IMAGE_SUFFIXES", "InputConfig", "class_folders", "did_you_mean", "is_dicom_file", "load_network",
     "make_splits", "normalise", "prepare_images", "pseudonym", "read_image", "read_manifest",
     "read_predictions", "resolve_salt", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
-    "RunFiles", "StageFiles",
+    "RunFiles", "StageFiles", "unguard_csv_cell", "check_decoded_bytes", "check_image_pixels", "few",
+    "cache_dir",
     # AUCs and their one bootstrap (mltl.evaluation.stats); report blocks for the report hooks (mltl.evaluation.report)
     "bootstrap_auc_ci", "bootstrap_macro_aucs", "check_scores", "delong_test", "macro_auc", "paired_bootstrap",
     "scored_classes", "stratified_resamples", "Figure", "Heading", "Para", "StageReport", "Table",

@@ -15,6 +15,7 @@ are both sweeps.
 from __future__ import annotations
 
 import copy
+import datetime
 import itertools
 import json
 import math
@@ -28,8 +29,74 @@ import attrs
 
 from .errors import ConfigError, UserError, did_you_mean
 from .networks.network import HeadSpec
+from .running.rundir import RunFiles
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
+
+# Limits on what a config may ask for (docs/errors.md, "Hardening"): anything beyond them is refused when the
+# config is parsed, before any data is read, instead of failing deep inside numpy or torch (or after training).
+SEED_MAX = 2**32 - 1  # numpy's seed range (legacy) and well inside torch's
+MAX_INPUT_SIZE = 4096  # pixels per side
+MAX_HEAD_WIDTH = 65536  # units of one new dense layer
+MAX_HEAD_LAYERS = 64
+MAX_NAME_LENGTH = 64  # stage and run names become folder names
+MAX_VARIANTS = 1000  # variants of one stage (the product of its sweeps)
+MAX_REPEATS = 1000  # split.folds, split.draws, split.seeds
+MAX_NESTING = 32  # tables and arrays inside each other
+
+# What a run writes at the top of its directory besides its own files (mltl.running.rundir.RunFiles): the
+# reporters' run-level outputs and a comparison's files. A stage folder of one of these names would collide
+# with it. Compared case-insensitively (macOS, Windows).
+RESERVED_STAGE_NAMES = frozenset({
+    "roc_stages.png", "roc_chains.png", "metrics.jsonl", "tensorboard", "comparison.md", "comparison.html",
+    "comparison.json", "runs",
+})
+_RESERVED_PATTERNS = (r"environment-resume-.*\.json", r"(con|prn|aux|nul|com\d|lpt\d)(\..*)?")  # Windows devices
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_folder_name(value: Any, what: str) -> None:
+    """Raise ValueError unless ``value`` is a safe folder name (a stage's or a run's)."""
+    rule = "letters, digits, '_', '.' or '-', starting with a letter or digit"
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        raise ValueError(f"is not a valid {what} name: use {rule} (it becomes a folder name)")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"is too long for a {what} name ({len(value)} characters; at most {MAX_NAME_LENGTH})")
+    if ".." in value or value.endswith("."):
+        raise ValueError(f"is not a valid {what} name: '..' and a trailing '.' are not allowed")
+    low = value.lower()
+    if low in RESERVED_STAGE_NAMES or RunFiles.is_own_name(low) or any(re.fullmatch(p, low) for p in _RESERVED_PATTERNS):
+        raise ValueError(f"is not a valid {what} name: it is the name of a file or folder that a run writes "
+                         f"(or a reserved device name); choose another")
+
+
+def _seed(instance, attribute, value) -> None:
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise ValueError(f"must be a seed from 0 to {SEED_MAX} (2**32 - 1)")
+
+
+def _input_size(instance, attribute, value) -> None:
+    if not 0 < value <= MAX_INPUT_SIZE:
+        raise ValueError(f"must be from 1 to {MAX_INPUT_SIZE} pixels")
+
+
+def _repeats(instance, attribute, value) -> None:
+    if value > MAX_REPEATS:
+        raise ValueError(f"must be at most {MAX_REPEATS}")
+
+
+MAX_RUN_NAME_LENGTH = 100
+
+
+def _run_name(instance, attribute, value) -> None:
+    """A run name becomes ``runs/<name>``: it must stay one folder inside ``runs/``."""
+    if not value.strip(". "):
+        raise ValueError("is not a valid run name: it must hold a letter or digit (it becomes the folder runs/<name>)")
+    if any(c in value for c in "/\\:") or not value.isprintable():
+        raise ValueError("is not a valid run name: no '/', '\\', ':' or control characters (it becomes the folder "
+                         "runs/<name>; use [run] out or --out to choose another place)")
+    if len(value) > MAX_RUN_NAME_LENGTH:
+        raise ValueError(f"is too long for a run name ({len(value)} characters; at most {MAX_RUN_NAME_LENGTH})")
 
 
 def doc(text: str, **kw: Any) -> dict[str, Any]:
@@ -75,8 +142,8 @@ def _augment_items(instance, attribute, value) -> None:
 
 @attrs.frozen
 class RunSection:
-    name: str = attrs.field(metadata=doc("Run name; the run directory defaults to runs/<name>."))
-    seed: int = attrs.field(default=0, metadata=doc("Seed for splits, initialisation and batch order."))
+    name: str = attrs.field(validator=_run_name, metadata=doc("Run name; the run directory defaults to runs/<name>."))
+    seed: int = attrs.field(default=0, validator=_seed, metadata=doc("Seed for splits, initialisation and batch order."))
     device: str = attrs.field(default="auto", metadata=doc('"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".'))
     out: str | None = attrs.field(default=None, metadata=doc("Run directory; relative paths are relative to the working directory."))
     reporters: tuple[str, ...] | None = attrs.field(default=None, metadata=doc("Reporters to use; default all installed."))
@@ -92,7 +159,7 @@ class RunSection:
 
 @attrs.frozen
 class InputConfig:
-    size: int = attrs.field(default=64, validator=_positive, metadata=doc("Square input size in pixels for every stage (paper: 150)."))
+    size: int = attrs.field(default=64, validator=_input_size, metadata=doc("Square input size in pixels for every stage (paper: 150)."))
     channels: Literal[1, 3] = attrs.field(default=1, metadata=doc("Input channels: 1 (grey) or 3 (RGB; grey images are replicated)."))
     mean: float = attrs.field(default=0.5, metadata=doc("Normalisation: (pixel/255 - mean) / std."))
     std: float = attrs.field(default=0.25, validator=_positive, metadata=doc("Normalisation: (pixel/255 - mean) / std."))
@@ -114,7 +181,7 @@ class BackboneRef:
 class SplitConfig:
     val: float = attrs.field(default=0.2, validator=_fraction, metadata=doc("Fraction of each class for validation (model selection, early stopping)."))
     test: float = attrs.field(default=0.2, validator=_fraction, metadata=doc("Fraction of each class for the untouched test split."))
-    seed: int | None = attrs.field(default=None, metadata=doc("Split seed; default: the run seed."))
+    seed: int | None = attrs.field(default=None, validator=_seed, metadata=doc("Split seed; default: the run seed."))
     min_per_class: int = attrs.field(default=1, validator=_positive, metadata=doc("Fewest images of each class in validation and test."))
     protocol: Literal["auto", "holdout", "kfold", "fractions"] = attrs.field(default="auto", metadata=doc(
         'Evaluation protocol: "holdout" (one train/val/test split), "kfold" (stratified, patient-grouped k-fold: '
@@ -124,8 +191,8 @@ class SplitConfig:
         "predefined split, holdout otherwise. See docs/evaluation.md."))
     folds: int = attrs.field(default=5, metadata=doc('"kfold": number of folds (at least 2; each class needs that many patient groups).'))
     fractions: tuple[float, ...] = attrs.field(default=(0.1, 0.25, 0.5, 1.0), metadata=doc('"fractions": fractions of the training split to train on, each in (0, 1].'))
-    draws: int = attrs.field(default=5, validator=_positive, metadata=doc('"fractions": random draws of the training subset (and training seeds) per fraction.'))
-    seeds: int = attrs.field(default=1, validator=_positive, metadata=doc('"holdout": train this many times with different seeds on the same split and report mean +/- SD.'))
+    draws: int = attrs.field(default=5, validator=[_positive, _repeats], metadata=doc('"fractions": random draws of the training subset (and training seeds) per fraction.'))
+    seeds: int = attrs.field(default=1, validator=[_positive, _repeats], metadata=doc('"holdout": train this many times with different seeds on the same split and report mean +/- SD.'))
     file: str | None = attrs.field(default=None, metadata=doc("A splits.csv from an earlier run (columns id, split): reuse that exact assignment (holdout only); relative to the working directory."))
     group_near_duplicates: bool = attrs.field(default=False, metadata=doc("Keep exact and near-duplicate images (e.g. neighbouring slices of one scan, for data without patient ids) in one split: their groups are merged into the domain's patient groups. See docs/data-check.md."))
     allow_leakage: bool = attrs.field(default=False, metadata=doc("Run even when duplicate images straddle this stage's splits, or join an earlier stage's training images with this stage's validation/test images (otherwise `mltl run` stops; see docs/data-check.md)."))
@@ -134,6 +201,7 @@ class SplitConfig:
     def _folds(self, attribute, value) -> None:
         if value < 2:
             raise ValueError("must be at least 2")
+        _repeats(self, attribute, value)
 
     @fractions.validator
     def _fractions(self, attribute, value) -> None:
@@ -229,21 +297,89 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{source}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{source}: cannot read the config: {exc}") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{source}: invalid TOML: {exc}") from None
+    except IsADirectoryError:
+        raise UserError(f"{source}: is a folder, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{source}: cannot read the config: not UTF-8 text (byte {exc.start}: "
+                        f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{source}: cannot read the config: {exc.strerror or exc}") from None
+    raw = parse_toml(text.removeprefix("\ufeff"), source)  # a byte-order mark (Windows editors) is not TOML
     raw = apply_overrides(raw, overrides, source)
     return parse_config(raw, source)
 
 
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """``tomllib.loads`` with every failure (syntax, nesting too deep for the parser) as one :class:`UserError`."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{source}: invalid TOML: arrays or tables nested too deeply "
+                        f"(at most {MAX_NESTING} levels)") from None
+    _check_nesting(raw, source)
+    return raw
+
+
+def _check_nesting(raw: Any, source: str) -> None:
+    """Refuse tables and arrays nested deeper than :data:`MAX_NESTING` (iteratively: no recursion)."""
+    stack = [(raw, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise UserError(f"{source}: arrays or tables nested too deeply (more than {MAX_NESTING} levels)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _check_strings(raw: Any, source: str) -> None:
+    """Refuse strings a config cannot hold: a NUL character (no path or name may contain one) and text that is
+    not Unicode (``--set`` values with bytes the locale cannot decode arrive as lone surrogates)."""
+    stack: list[tuple[Any, str]] = [(raw, "")]
+    while stack:
+        node, key = stack.pop()
+        items: Any = ()
+        if isinstance(node, dict):
+            items = ((f"{key}.{k}" if key else str(k), k, v) for k, v in node.items())
+        elif isinstance(node, list):
+            items = ((f"{key}[{i}]", None, v) for i, v in enumerate(node))
+        for path, k, v in items:
+            for text in (k, v):
+                if isinstance(text, str):
+                    if "\x00" in text:
+                        raise ConfigError("contains a NUL character (\\x00), which no name or path may hold",
+                                          key=_printable(path), source=source)
+                    if not _is_unicode(text):
+                        raise ConfigError("contains bytes that are not valid UTF-8 text", key=_printable(path),
+                                          source=source)
+            stack.append((v, path))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """``text`` for a one-line message: control characters and lone surrogates escaped."""
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else ascii(c)[1:-1] for c in text)
+
+
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    _check_nesting(raw, source)
+    _check_strings(raw, source)
     for key in raw:
         if key not in TOP_LEVEL:
-            raise ConfigError(f"unknown key{did_you_mean(key, TOP_LEVEL)}", key=key, source=source)
-    if "run" not in raw or "name" not in raw.get("run", {}):
+            raise ConfigError(f"unknown key{did_you_mean(key, TOP_LEVEL)}", key=_printable(key), source=source)
+    if "run" in raw and not isinstance(raw["run"], dict):
+        raise ConfigError(f"expected a table, got {_type_name(raw['run'])}", key="run", source=source)
+    if "run" not in raw or "name" not in raw["run"]:
         raise ConfigError('missing required key "name" (give the run a name)', key="run", source=source)
     run = _parse_attrs(RunSection, raw["run"], "run", source)
     inp = _parse_attrs(InputConfig, raw.get("input", {}), "input", source)
@@ -276,6 +412,7 @@ def _check_chain(stage: Stage, earlier: list[Stage], key: str, source: str) -> N
                 problem = f'"{cfg.init}" is this stage itself'
             else:
                 problem = f'"{cfg.init}" names no earlier stage'
+            problem = _printable(problem)
             hint = f"; earlier stages: {', '.join(names)}" if names else "; the first stage needs a backbone"
             raise ConfigError(problem + hint, key=f"{key}.init", source=source)
         if cfg.freeze.strip() == "inherited" and cfg.init is None:
@@ -285,12 +422,16 @@ def _check_chain(stage: Stage, earlier: list[Stage], key: str, source: str) -> N
 
 def _parse_stage(raw: dict[str, Any], key: str, source: str) -> Stage:
     sweeps = _find_sweeps(raw, key, source)
+    n_variants = math.prod(len(values) for values, _, _ in sweeps.values())
+    if n_variants > MAX_VARIANTS:
+        raise ConfigError(f"the sweeps make {n_variants} variants of this stage; at most {MAX_VARIANTS} "
+                          f"(sweep fewer values, or split the sweep over several runs)", key=key, source=source)
     select_by = raw.get("select_by", "auc")
-    for path, (_, sel) in sweeps.items():
+    for path, (_, sel, _) in sweeps.items():
         if sel is not None:
             if "select_by" in raw and sel != select_by:
-                raise ConfigError(f'select_by "{sel}" conflicts with the stage\'s select_by "{select_by}"',
-                                  key=f"{key}.{path}.select_by", source=source)
+                raise ConfigError(_printable(f'select_by "{sel}" conflicts with the stage\'s select_by "{select_by}"'),
+                                  key=_printable(f"{key}.{path}.select_by"), source=source)
             select_by = sel
     variants = []
     paths = list(sweeps)
@@ -298,7 +439,7 @@ def _parse_stage(raw: dict[str, Any], key: str, source: str) -> Stage:
         concrete = copy.deepcopy(raw)
         concrete["select_by"] = select_by
         for path, value in zip(paths, combo):
-            _set_path(concrete, path.split("."), value)
+            _set_path(concrete, sweeps[path][2], value)
         label = ",".join(f"{p}={_label(v)}" for p, v in zip(paths, combo))
         variants.append((label, _parse_stage_config(concrete, key, source)))
     labels = [lab for lab, _ in variants]
@@ -313,7 +454,7 @@ def _label(value: Any) -> str:
     if isinstance(value, dict):
         name = value.get("name", value.get("plugin"))
         rest = {k: v for k, v in value.items() if k not in ("name", "plugin")}
-        inner = ",".join(f"{k}={json.dumps(v)}" for k, v in rest.items())
+        inner = ",".join(f"{k}={json.dumps(v, default=str)}" for k, v in rest.items())
         if name is None:
             return "{" + inner + "}"
         return f"{name}({inner})" if inner else str(name)
@@ -322,31 +463,39 @@ def _label(value: Any) -> str:
     return str(value)
 
 
-def _find_sweeps(raw: dict[str, Any], key: str, source: str, prefix: str = "") -> dict[str, tuple[list, str | None]]:
-    found: dict[str, tuple[list, str | None]] = {}
+def _find_sweeps(raw: dict[str, Any], key: str, source: str, prefix: str = "",
+                 parents: tuple[str, ...] = ()) -> dict[str, tuple[list, str | None, tuple[str, ...]]]:
+    """The swept key paths of a stage: ``{"train.lr": (values, select_by, ("train", "lr"))}``."""
+    found: dict[str, tuple[list, str | None, tuple[str, ...]]] = {}
     for k, v in raw.items():
         path = f"{prefix}{k}"
         if isinstance(v, dict) and "sweep" in v:
             extra = set(v) - {"sweep", "select_by"}
             if extra:
-                raise ConfigError(f"a sweep table takes only sweep and select_by, not {sorted(extra)}",
-                                  key=f"{key}.{path}", source=source)
+                raise ConfigError(_printable(f"a sweep table takes only sweep and select_by, not {sorted(extra)}"),
+                                  key=_printable(f"{key}.{path}"), source=source)
             values = v["sweep"]
             if not isinstance(values, list) or len(values) < 1:
-                raise ConfigError("sweep must be a non-empty list of values", key=f"{key}.{path}.sweep", source=source)
+                raise ConfigError("sweep must be a non-empty list of values", key=_printable(f"{key}.{path}.sweep"), source=source)
             sel = v.get("select_by")
             if sel is not None and sel not in METRICS:
-                raise ConfigError(f'unknown metric "{sel}"{did_you_mean(str(sel), METRICS)}',
-                                  key=f"{key}.{path}.select_by", source=source)
+                raise ConfigError(_printable(f'unknown metric "{sel}"{did_you_mean(str(sel), METRICS)}'),
+                                  key=_printable(f"{key}.{path}.select_by"), source=source)
             if k in ("name", "init"):
-                raise ConfigError(f"{k} cannot be swept", key=f"{key}.{path}", source=source)
-            found[path] = (values, sel)
+                raise ConfigError(f"{k} cannot be swept", key=_printable(f"{key}.{path}"), source=source)
+            if path in found:
+                raise ConfigError("two swept keys have the same path", key=f"{key}.{_printable(path)}", source=source)
+            found[path] = (values, sel, parents + (k,))
         elif isinstance(v, dict):
-            found.update(_find_sweeps(v, key, source, prefix=f"{path}."))
+            for sub, entry in _find_sweeps(v, key, source, prefix=f"{path}.", parents=parents + (k,)).items():
+                if sub in found:
+                    raise ConfigError("two swept keys have the same path", key=f"{key}.{_printable(sub)}",
+                                      source=source)
+                found[sub] = entry
     return found
 
 
-def _set_path(d: dict[str, Any], parts: list[str], value: Any) -> None:
+def _set_path(d: dict[str, Any], parts: tuple[str, ...], value: Any) -> None:
     for p in parts[:-1]:
         d = d[p]
     d[parts[-1]] = value
@@ -354,14 +503,26 @@ def _set_path(d: dict[str, Any], parts: list[str], value: Any) -> None:
 
 def _parse_stage_config(raw: dict[str, Any], key: str, source: str) -> StageConfig:
     raw = dict(raw)
-    if "name" not in raw or not isinstance(raw["name"], str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", raw["name"]):
+    if "name" not in raw or not isinstance(raw["name"], str) or not SAFE_NAME.fullmatch(raw["name"]):
         raise ConfigError("every stage needs a name of letters, digits, '_', '.' or '-'", key=f"{key}.name", source=source)
+    try:
+        check_folder_name(raw["name"], "stage")
+    except ValueError as exc:
+        raise ConfigError(f"{raw['name']!r} {exc}", key=f"{key}.name", source=source) from None
     if "domain" not in raw:
         raise ConfigError('missing required key "domain" (e.g. domain = { plugin = "ct-phantom" })', key=key, source=source)
     raw["domain"] = _plugin_ref(raw["domain"], "plugin", DomainRef, f"{key}.domain", source)
     if "backbone" in raw:
         raw["backbone"] = _plugin_ref(raw["backbone"], "name", BackboneRef, f"{key}.backbone", source)
-    return _parse_attrs(StageConfig, raw, key, source, prebuilt={"domain", "backbone"})
+    cfg = _parse_attrs(StageConfig, raw, key, source, prebuilt={"domain", "backbone"})
+    if cfg.head is not None:
+        if len(cfg.head.dense) > MAX_HEAD_LAYERS:
+            raise ConfigError(f"{len(cfg.head.dense)} dense layers; at most {MAX_HEAD_LAYERS}",
+                              key=f"{key}.head.dense", source=source)
+        if any(w > MAX_HEAD_WIDTH for w in cfg.head.dense):
+            raise ConfigError(f"{list(cfg.head.dense)}: a dense layer may have at most {MAX_HEAD_WIDTH} units",
+                              key=f"{key}.head.dense", source=source)
+    return cfg
 
 
 def _plugin_ref(value: Any, name_key: str, cls: type, key: str, source: str) -> Any:
@@ -379,7 +540,8 @@ def _parse_attrs(cls: type, raw: Any, key: str, source: str, prebuilt: set[str] 
     fields = {f.name: f for f in attrs.fields(attrs.resolve_types(cls))}
     for k in raw:
         if k not in fields:
-            raise ConfigError(f"unknown key{did_you_mean(k, fields)}", key=f"{key}.{k}", source=source)
+            raise ConfigError(f"unknown key{did_you_mean(str(k), fields)}", key=_printable(f"{key}.{k}"),
+                              source=source)
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -398,8 +560,14 @@ def _parse_attrs(cls: type, raw: Any, key: str, source: str, prebuilt: set[str] 
                 if f.validator is not None:
                     f.validator(None, f, kwargs[name])
             except ValueError as field_exc:
-                raise ConfigError(f"{kwargs[name]!r} {field_exc}", key=f"{key}.{name}", source=source) from None
+                raise ConfigError(f"{_short(kwargs[name])} {field_exc}", key=f"{key}.{name}", source=source) from None
         raise ConfigError(str(exc), key=key, source=source) from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a one-line message: at most ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _type_name(value: Any) -> str:
@@ -418,7 +586,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is Literal:
         if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
             choices = [str(a) for a in args]
-            raise ConfigError(f"{value!r} is not one of {', '.join(repr(a) for a in args)}"
+            raise ConfigError(f"{_short(value)} is not one of {', '.join(repr(a) for a in args)}"
                               f"{did_you_mean(str(value), choices) if isinstance(value, str) else ''}",
                               key=key, source=source)
         return value
@@ -434,19 +602,19 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         return _parse_attrs(tp, value, key, source)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"expected true or false, got {_type_name(value)} {value!r}", key=key, source=source)
+            raise ConfigError(f"expected true or false, got {_type_name(value)} {_short(value)}", key=key, source=source)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"expected an integer, got {_type_name(value)} {value!r}", key=key, source=source)
+            raise ConfigError(f"expected an integer, got {_type_name(value)} {_short(value)}", key=key, source=source)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"expected a number, got {_type_name(value)} {value!r}", key=key, source=source)
+            raise ConfigError(f"expected a number, got {_type_name(value)} {_short(value)}", key=key, source=source)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"expected a string, got {_type_name(value)} {value!r}", key=key, source=source)
+            raise ConfigError(f"expected a string, got {_type_name(value)} {_short(value)}", key=key, source=source)
         return value
     raise TypeError(f"config type {tp!r} not handled")  # a bug in this module, not a user error
 
@@ -462,7 +630,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
     """
     raw = copy.deepcopy(raw)
     for item in overrides:
-        where = f"--set {item}"
+        where = f"--set {_short(item) if not item.isprintable() or len(item) > 80 else item}"
+        if not _is_unicode(item):
+            raise UserError(f"{where}: not valid UTF-8 text")
         if "=" not in item:
             raise UserError(f'{where}: expected KEY=VALUE, e.g. --set stages.target.train.epochs=5')
         path, _, text = item.partition("=")
@@ -470,9 +640,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
         if not all(parts):
             raise UserError(f"{where}: empty key segment in {path!r}")
         try:
-            value = tomllib.loads(f"v = {text}")["v"]
+            parsed = tomllib.loads(f"v = {text}")
+            value = parsed["v"] if list(parsed) == ["v"] else text  # "1\nw = 2" is a string, not the value 1
         except tomllib.TOMLDecodeError:
             value = text
+        except RecursionError:
+            raise UserError(f"{where}: arrays or tables nested too deeply (at most {MAX_NESTING} levels)") from None
+        _check_nesting(value, where)
         node: Any = raw
         walked: list[str] = []
         for i, part in enumerate(parts):
@@ -481,10 +655,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
                 names = [s.get("name") for s in node if isinstance(s, dict)]
                 if part in names:
                     idx = names.index(part)
-                elif part.isdigit() and int(part) < len(node):
+                elif part.isascii() and part.isdigit() and int(part) < len(node):
                     idx = int(part)
                 else:
-                    raise UserError(f'{where}: no stage "{part}"{did_you_mean(part, [n for n in names if n])}')
+                    raise UserError(f'{where}: no stage "{_printable(part)}"'
+                                    f'{did_you_mean(part, [n for n in names if isinstance(n, str) and n])}')
                 if last:
                     raise UserError(f"{where}: cannot replace a whole stage; set one of its keys")
                 node = node[idx]
@@ -495,8 +670,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
                     if part not in node:
                         node[part] = {}
                     elif not isinstance(node[part], (dict, list)):
-                        raise UserError(f"{where}: {'.'.join(walked + [part])} is a value, not a table")
+                        raise UserError(f"{where}: {_printable('.'.join(walked + [part]))} is a value, not a table")
                     node = node[part]
+            else:
+                raise UserError(f"{where}: {_printable('.'.join(walked))} is a value, not a table")
             walked.append(part)
     return raw
 
@@ -526,7 +703,30 @@ def _is_value_list(v: Any) -> bool:
 
 
 def _key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _basic_string(k, ascii_only=True)
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _basic_string(text: str, ascii_only: bool = False) -> str:
+    """``text`` as a TOML basic string: quotes, backslashes and every control character (U+0000 to U+001F
+    and DEL, U+007F, which TOML forbids raw) escaped; with ``ascii_only``, all non-ASCII too (``\\uXXXX``,
+    ``\\UXXXXXXXX`` beyond the BMP). ``tomllib.loads`` reads back exactly ``text``."""
+    out = []
+    for c in text:
+        o = ord(c)
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif o < 0x20 or o == 0x7F or (ascii_only and o > 0x7E):
+            if 0xD800 <= o <= 0xDFFF:
+                raise ValueError(f"a lone surrogate (U+{o:04X}) cannot be written as TOML")
+            out.append(f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
+        elif 0xD800 <= o <= 0xDFFF:
+            raise ValueError(f"a lone surrogate (U+{o:04X}) cannot be written as TOML")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def _value(v: Any) -> str:
@@ -541,7 +741,9 @@ def _value(v: Any) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
+        return _basic_string(v)
+    if isinstance(v, (datetime.datetime, datetime.date, datetime.time)):
+        return v.isoformat()
     if isinstance(v, list):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -17,7 +17,8 @@ replaced by another of the same size and time is still caught. Reading and hashi
 cheaper than decoding (ct_kidney, 1,914 JPEGs: 0.17 s to hash, 1.8 s to decode); within one process a
 ``(path, size, mtime_ns, inode)`` memo skips re-hashing files already hashed.
 
-**Layout.** ``$MLTL_CACHE_DIR`` (else ``~/.cache/mltl``) ``/decoded/<settings key>/<stack key>.npy`` (a
+**Layout.** :func:`cache_dir` (``$MLTL_CACHE_DIR``, else the platform's user cache folder)
+``/decoded/<settings key>/<stack key>.npy`` (a
 plain NumPy array, openable with ``np.load(path, mmap_mode="r")``, so a domain larger than memory is read
 lazily) and ``<stack key>.json`` beside it: format, shape, dtype, the content hash and a BLAKE2b-64 digest of
 every row. The ``.json`` is written last; both are written to a temporary name and renamed (atomic).
@@ -70,10 +71,20 @@ __all__ = ["cached_decode", "decode_cached", "CacheResult", "cache_dir", "conten
 
 
 def cache_dir() -> Path:
-    """``$MLTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/mltl``, else ``~/.cache/mltl``."""
-    root = os.environ.get("MLTL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "mltl")
-    return Path(root).expanduser()
+    """mltl's cache folder: ``$MLTL_CACHE_DIR`` when set, else ``platformdirs.user_cache_dir("mltl")`` when
+    platformdirs is installed (``~/.cache/mltl`` or ``$XDG_CACHE_HOME/mltl`` on Linux,
+    ``~/Library/Caches/mltl`` on macOS, ``%LOCALAPPDATA%\\mltl\\Cache`` on Windows), else
+    ``$XDG_CACHE_HOME/mltl``, else ``~/.cache/mltl``."""
+    override = os.environ.get("MLTL_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    try:
+        import platformdirs
+    except ImportError:
+        platformdirs = None
+    if platformdirs is not None:
+        return Path(platformdirs.user_cache_dir("mltl", appauthor=False))
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")).expanduser() / "mltl"
 
 
 def _disk_enabled() -> bool:

@@ -118,6 +118,20 @@ def _detail(thumbs: np.ndarray) -> np.ndarray:
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-6)
 
 
+_BYTE_BITS = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
+
+
+def popcount64(x: np.ndarray) -> np.ndarray:
+    """The number of set bits of each ``uint64`` (``uint8``, same shape): ``np.bitwise_count`` on NumPy 2,
+    a byte lookup table on NumPy 1.x (which lacks it). Both give identical results."""
+    x = np.asarray(x, dtype=np.uint64)
+    fast = getattr(np, "bitwise_count", None)
+    if fast is not None:
+        return fast(x)
+    octets = np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # 8 bytes per value, whatever the byte order
+    return _BYTE_BITS[octets].reshape(x.shape + (8,)).sum(axis=-1, dtype=np.uint8)
+
+
 def near_duplicate_pairs(thumbs: np.ndarray, hashes: np.ndarray | None = None) -> np.ndarray:
     """``(K, 2)`` index pairs ``i < j`` of near duplicates among the thumbnails (see the module docstring)."""
     n = len(thumbs)
@@ -127,7 +141,7 @@ def near_duplicate_pairs(thumbs: np.ndarray, hashes: np.ndarray | None = None) -
     block = max(1, min(n, (1 << 24) // n))  # about 16 M pairs (128 MB of XORs) at a time
     cand_i, cand_j = [], []
     for s in range(0, n, block):
-        d = np.bitwise_count(hashes[s:s + block, None] ^ hashes[None, s:])
+        d = popcount64(hashes[s:s + block, None] ^ hashes[None, s:])
         i, j = np.nonzero(d <= MAX_HAMMING)
         i, j = i + s, j + s
         keep = j > i

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .limits import few
 
 SPLITS = ("train", "val", "test")
 
@@ -60,6 +61,13 @@ class Domain:
             raise ValueError("Domain.ids must be unique")
         if self.splits is not None and not set(self.splits) <= set(SPLITS):
             raise ValueError(f"Domain.splits values must be among {SPLITS}")
+        folded: dict[str, str] = {}
+        for name in self.classes:  # "Cyst" and "cyst": one class spelled twice would be learnt as two
+            other = folded.setdefault(str(name).casefold(), str(name))
+            if other != name:
+                raise UserError(f'{self.description or "domain"}: classes "{few([other])}" and "{few([name])}" '
+                                f"differ only in letter case (one class spelled two ways?); rename one so that "
+                                f"each class has one name, or choose the classes with the domain's classes option")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -194,7 +202,7 @@ def check_split_classes(domain: Domain, splits: dict[str, np.ndarray], where: st
         missing = [domain.classes[c] for c in range(len(domain.classes)) if c not in present]
         if missing:
             raise UserError(
-                f"{where}the {s} split has no images of class(es) {', '.join(missing)}; "
+                f"{where}the {s} split has no images of class(es) {few(missing)}; "
                 f"add images or change the split fractions"
             )
 

@@ -22,17 +22,22 @@ the training preprocessing). The rules, in order:
   keeping the aspect ratio.
 
 A file that is empty, truncated, not an image, or too large to decode safely raises :class:`UserError`
-naming the file and the reason.
+naming the file and the reason. "Too large" is judged from the header before any pixel is decoded
+(:mod:`mltl.data.limits`: ``MLTL_MAX_IMAGE_PIXELS``, ``MLTL_MAX_DECODED_BYTES``), so a tiny file that
+decompresses to gigabytes is refused at once; 16-bit and float images are converted a block of rows at a
+time, and a float image with NaN pixels is refused, naming the first one.
 """
 
 from __future__ import annotations
 
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from .limits import check_bytes, check_pixels
 
 __all__ = ["IMAGE_SUFFIXES", "read_image", "decode_image", "is_dicom_file"]
 
@@ -71,15 +76,39 @@ def _why_unreadable(path: Path, exc: BaseException) -> str:
     return text.replace(str(path), "").strip(" :'\"") or type(exc).__name__
 
 
-def _to_8bit(im):
+_ROWS = 512  # rows converted at a time, so a large image never has a float copy of all its pixels
+
+
+def _to_8bit(im, path: Path, who: str):
+    """16/32-bit and float grey -> 8 bit, from the image's own minimum to its maximum; NaN is refused."""
     from PIL import Image
 
-    arr = np.asarray(im, dtype=np.float64)
-    finite = arr[np.isfinite(arr)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
-    scaled = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8))
+    raw = np.asarray(im)
+    if raw.ndim != 2:
+        raw = np.asarray(im, dtype=np.float64)
+    lo = hi = None
+    floating = np.issubdtype(raw.dtype, np.floating)
+    for r in range(0, raw.shape[0], _ROWS):
+        arr = raw[r:r + _ROWS].astype(np.float64)
+        if floating:
+            nan = np.isnan(arr)
+            if nan.any():
+                row, col = (int(v[0]) for v in np.nonzero(nan))
+                count = int(np.count_nonzero(np.isnan(raw)))
+                raise UserError(f"{who}: cannot read image {path}: {count} pixel(s) are NaN (not a number; the "
+                                f"first at row {r + row}, column {col}); replace them with a value before "
+                                f"saving, or remove the file")
+            arr = arr[np.isfinite(arr)]
+        if arr.size:
+            a, b = float(arr.min()), float(arr.max())
+            lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+    lo, hi = (lo, hi) if lo is not None else (0.0, 0.0)
+    out = np.empty(raw.shape, dtype=np.uint8)
+    for r in range(0, raw.shape[0], _ROWS):  # the same arithmetic as on the whole array, a block at a time
+        arr = np.nan_to_num(raw[r:r + _ROWS].astype(np.float64), nan=lo, posinf=hi, neginf=lo)
+        scaled = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        out[r:r + _ROWS] = np.clip(scaled, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def _flatten_alpha(im):
@@ -92,10 +121,33 @@ def _flatten_alpha(im):
         return im.convert(im.mode[0] if im.mode == "La" else "RGB")
     if im.mode not in ("RGBA", "LA"):
         return im
-    arr = np.asarray(im, dtype=np.float32)
-    alpha = arr[..., -1:] / 255.0
-    out = np.rint(arr[..., :-1] * alpha).astype(np.uint8)
+    raw = np.asarray(im)
+    out = np.empty(raw.shape[:2] + (raw.shape[2] - 1,), dtype=np.uint8)
+    for r in range(0, raw.shape[0], _ROWS):  # a block at a time: no float copy of the whole image
+        arr = raw[r:r + _ROWS].astype(np.float32)
+        alpha = arr[..., -1:] / 255.0
+        out[r:r + _ROWS] = np.rint(arr[..., :-1] * alpha).astype(np.uint8)
     return Image.fromarray(out[..., 0] if im.mode == "LA" else out, "L" if im.mode == "LA" else "RGB")
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    from PIL import Image
+
+    if mode.startswith("I;16"):
+        return 2
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        bands = 4
+    return bands * (4 if mode in ("I", "F") else 1)
+
+
+def check_image_header(im, path: Path, who: str) -> None:
+    """Refuse, from the header alone (before any pixel is decoded), an image over the memory limits."""
+    width, height = im.size
+    prefix = f"{who}: cannot read image {path}: "
+    check_pixels(width, height, prefix, "the image")
+    check_bytes(width * height * _bytes_per_pixel(im.mode), prefix, f"the {width}x{height} {im.mode} image")
 
 
 def decode_image(path: Path, *, channels: int, who: str = "image") -> np.ndarray:
@@ -104,18 +156,25 @@ def decode_image(path: Path, *, channels: int, who: str = "image") -> np.ndarray
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # the size is checked below, against mltl's own limits
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as im:
             im.seek(0)
+            check_image_header(im, path, who)
             im.load()
             im = ImageOps.exif_transpose(im) or im
             if im.mode in _HIGH_DEPTH_MODES:
-                im = _to_8bit(im)
+                im = _to_8bit(im, path, who)
             im = _flatten_alpha(im)
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError,
             Image.DecompressionBombError) as exc:
         raise UserError(f"{who}: cannot read image {path}: {_why_unreadable(path, exc)}; "
                         f"remove or replace the file") from None
+    except MemoryError:
+        raise UserError(f"{who}: cannot read image {path}: not enough memory to decode it; downscale it, or "
+                        f"remove the file") from None
     return arr
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import UserError
 from .domain import Domain
 from .images import is_dicom_file, read_image
+from .limits import few
 from .privacy import pseudonym, resolve_salt
 
 __all__ = ["ManifestRow", "Manifest", "read_manifest", "csv_manifest_domain", "GROUP_COLUMNS", "sort_labels"]
@@ -102,7 +103,7 @@ def read_manifest(csv: str | Path, *, who: str = "csv-manifest", path_column: st
         if found is None:
             hint = "" if delimiter != "," or len(header_row) > 1 else \
                 " (only one column: is the file separated by ';' or tabs? set delimiter)"
-            raise UserError(f'{path}: no column "{col}" in the header ({", ".join(names) or "empty"}); '
+            raise UserError(f'{path}: no column "{few([col])}" in the header ({few(names, 8) or "empty"}); '
                             f"add it or set the domain's {option} option{hint}")
         return header_row.index(found)
 
@@ -143,12 +144,12 @@ def read_manifest(csv: str | Path, *, who: str = "csv-manifest", path_column: st
                 raw = cell(i_split, f'"{header_row[i_split].strip()}"')
                 split = SPLIT_WORDS.get(raw.lower())
                 if split is None:
-                    raise UserError(f'{path} line {line}: unknown split "{raw}"; use train, val or test')
+                    raise UserError(f'{path} line {line}: unknown split "{few([raw])}"; use train, val or test')
             file = Path(name).expanduser()
             file = file if file.is_absolute() else base / file
             key = file.resolve()
             if key in seen:
-                raise UserError(f"{path} line {line}: {name} is listed again (first on line {seen[key]}); "
+                raise UserError(f"{path} line {line}: {few([name])} is listed again (first on line {seen[key]}); "
                                 f"each file may appear once")
             seen[key] = line
             if check_files and not file.is_file():
@@ -168,14 +169,24 @@ def read_manifest(csv: str | Path, *, who: str = "csv-manifest", path_column: st
     if classes:
         absent = [c for c in classes if c not in present]
         if absent:
-            raise UserError(f'{path}: no row has label "{absent[0]}" (given in classes); labels in the file: '
-                            f"{', '.join(present)}")
+            raise UserError(f'{path}: no row has label "{few([absent[0]])}" (given in classes); labels in the '
+                            f"file: {few(present, 10)}")
         rows = [r for r in rows if r.label in classes]
         names_out = tuple(classes)
     else:
         names_out = tuple(present)
+    first_line: dict[str, int] = {}
+    for r in rows:
+        first_line.setdefault(r.label, r.line)
+    folded: dict[str, str] = {}
+    for name in names_out:  # "Cyst" and "cyst" would become two classes
+        other = folded.setdefault(name.casefold(), name)
+        if other != name:
+            raise UserError(f'{path}: labels "{few([other])}" (line {first_line.get(other, "?")}) and "{few([name])}" '
+                            f"(line {first_line.get(name, '?')}) differ only in letter case; spell each class one "
+                            f"way")
     if len(names_out) < 2:
-        raise UserError(f"{path}: {len(names_out)} class(es) ({', '.join(names_out)}); a classifier needs at least 2")
+        raise UserError(f"{path}: {len(names_out)} class(es) ({few(names_out)}); a classifier needs at least 2")
     return Manifest(csv=path, rows=tuple(rows), classes=names_out,
                     group_column=header_row[i_group].strip() if i_group is not None else None,
                     split_column=header_row[i_split].strip() if i_split is not None else None)

@@ -7,8 +7,9 @@ The official layout: arrays ``train_images``, ``train_labels``, ``val_images``, 
 Where the file comes from: ``path`` (a file, used as it is -- no checksum, since copies of the data in the
 wild are often re-saved), or ``flag`` (``breastmnist``, ``organamnist``, ...) looked up as
 ``<root>/<flag>.npz`` (``<flag>_<resolution>.npz`` for the 64/128/224 px editions), where ``root`` is the
-option, else ``$MLTL_DATA_DIR``, else ``~/.mltl/data``. When that file is missing and ``download`` is
-true, the official file is fetched from Zenodo (record 10519652, MedMNIST v3.0 / MedMNIST+), its MD5
+option, else ``$MLTL_DATA_DIR``, else ``~/.mltl/data``; when it is not there, ``~/.medmnist/<same name>``
+(where the official ``medmnist`` package downloads to) is used if present. When both are missing and
+``download`` is true, the official file is fetched from Zenodo (record 10519652, MedMNIST v3.0 / MedMNIST+), its MD5
 checked against the value the ``medmnist`` package publishes (``medmnist/info.py``, INFO[flag]["MD5"],
 copied below as data), and only then renamed into place; a failed or mismatching download leaves nothing
 behind. Offline (or with ``MLTL_OFFLINE=1``, or ``download = false``), the error says which file to put
@@ -21,6 +22,7 @@ data of the kind mltl trains.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 import urllib.error
@@ -33,8 +35,9 @@ import numpy as np
 
 from ..errors import UserError, did_you_mean
 from .domain import SPLITS, Domain
+from .limits import check_bytes, few, human_bytes
 
-__all__ = ["FLAGS", "medmnist_domain", "data_dir", "load_npz", "fetch_file"]
+__all__ = ["FLAGS", "medmnist_domain", "data_dir", "medmnist_package_dir", "load_npz", "fetch_file"]
 
 ZENODO = "https://zenodo.org/records/10519652/files/{name}?download=1"
 """MedMNIST+ (v3.0) files, as in the ``medmnist`` package 3.0.2, ``medmnist/info.py``."""
@@ -96,6 +99,11 @@ def data_dir(root: str | None = None) -> Path:
     return Path(root or os.environ.get("MLTL_DATA_DIR") or Path.home() / ".mltl" / "data").expanduser()
 
 
+def medmnist_package_dir() -> Path:
+    """Where the official ``medmnist`` package keeps its files (its default ``root``): ``~/.medmnist``."""
+    return Path.home() / ".medmnist"
+
+
 def _file_name(flag: str, resolution: int) -> str:
     return f"{flag}.npz" if resolution == 28 else f"{flag}_{resolution}.npz"
 
@@ -135,7 +143,11 @@ def _locate(flag: str, resolution: int, root: str | None, allow_download: bool) 
     dest = data_dir(root) / name
     if dest.is_file():
         return dest
-    where = f"put {name} (from https://zenodo.org/records/10519652 or `python -m medmnist download`) at {dest}"
+    official = medmnist_package_dir() / name
+    if official.is_file():  # fetched by the medmnist package (its MD5 checked there): no second copy
+        return official
+    where = (f"put {name} (from https://zenodo.org/records/10519652 or `python -m medmnist download`) at {dest} "
+             f"(or in {medmnist_package_dir()}, the medmnist package's folder)")
     if not allow_download:
         raise UserError(f"medmnist: {dest} not found and download = false; {where}")
     if os.environ.get("MLTL_OFFLINE", "").strip() not in ("", "0"):
@@ -152,46 +164,110 @@ def _locate(flag: str, resolution: int, root: str | None, allow_download: bool) 
     return dest
 
 
+def _npy_headers(path: Path, names: list[str], who: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each named array of an ``.npz``, from its ``.npy`` header alone (nothing decoded).
+
+    A header that claims more bytes than its zip member holds is a damaged (or crafted) file."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        members = {info.filename: info for info in zf.infolist()}
+        for name in names:
+            info = members.get(name + ".npy") or members.get(name)
+            if info is None:
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                reader = getattr(np.lib.format, f"read_array_header_{version[0]}_{version[1]}", None)
+                if reader is not None:
+                    shape, _, dtype = reader(f)
+                else:
+                    shape, _, dtype = np.lib.format._read_array_header(f, version)
+            shape = tuple(int(d) for d in shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes > info.file_size:
+                raise UserError(f"{who}: {path}: {name} claims shape {few(shape, 4)} ({human_bytes(nbytes)}) but "
+                                f"holds {human_bytes(info.file_size)}; the file is damaged, re-download or "
+                                f"replace it")
+            out[name] = (shape, dtype)
+    return out
+
+
+def _check_pixels(x: np.ndarray, name: str, path: Path, who: str) -> None:
+    """Float images: no NaN or infinite pixels (the first bad image is named by its index)."""
+    if not np.issubdtype(x.dtype, np.floating):
+        return
+    for start in range(0, len(x), 1024):
+        bad = ~np.isfinite(x[start:start + 1024].reshape(min(1024, len(x) - start), -1)).all(axis=1)
+        if bad.any():
+            i = start + int(np.flatnonzero(bad)[0])
+            kind = "NaN" if np.isnan(x[i]).any() else "infinite"
+            raise UserError(f"{who}: {path}: {name}[{i}] has {kind} pixel values; every pixel must be a "
+                            f"number (replace or drop that image)")
+
+
 def load_npz(path: Path, *, who: str = "medmnist") -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """(images uint8 (N, H, W) or (N, 3, H, W), labels int64 (N,), split name per image), official split."""
+    """(images uint8 (N, H, W) or (N, 3, H, W), labels int64 (N,), split name per image), official split.
+
+    The arrays' headers are read first and the file refused when they would decode to more than the memory
+    limit (:mod:`mltl.data.limits`). Float images whose values all lie in [0, 1] are scaled to 0..255; NaN or
+    infinite pixels are refused, naming the array and the image's index."""
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{who}: cannot read {path} as a .npz file ({exc}); re-download or replace it") from None
-    images, labels, splits = [], [], []
+        raise UserError(f"{who}: cannot read {path} as a .npz file ({str(exc)[:120]}); re-download or replace "
+                        f"it") from None
+    images, labels, splits, floats = [], [], [], []
     with z:
         missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in z.files]
         if missing:
-            raise UserError(f"{who}: {path} lacks array {missing[0]} (it has {', '.join(z.files) or 'none'}); "
+            raise UserError(f"{who}: {path} lacks array {missing[0]} (it has {few(z.files) or 'none'}); "
                             f"a MedMNIST file has train_/val_/test_ images and labels")
+        wanted = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+        try:
+            headers = _npy_headers(path, wanted, who)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise UserError(f"{who}: {path}: cannot read the array headers ({str(exc)[:120]}); the file is "
+                            f"damaged") from None
+        check_bytes(sum(math.prod(shape) * dtype.itemsize for shape, dtype in headers.values()), f"{who}: ",
+                    f"{path} (arrays of {', '.join(f'{k} {few(v[0], 5)}' for k, v in headers.items())})")
         for s in SPLITS:
             try:
                 x, y = z[f"{s}_images"], z[f"{s}_labels"]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-                raise UserError(f"{who}: {path}: cannot read {s} arrays ({exc}); the file is damaged") from None
+                raise UserError(f"{who}: {path}: cannot read {s} arrays ({str(exc)[:120]}); the file is "
+                                f"damaged") from None
             if x.ndim == 4 and x.shape[-1] == 1:
                 x = x[..., 0]
             if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
-                raise UserError(f"{who}: {path}: {s}_images has shape {x.shape}; expected (N, H, W) grey or "
-                                f"(N, H, W, 3) RGB (3D MedMNIST sets are not supported)")
+                raise UserError(f"{who}: {path}: {s}_images has shape {x.shape}; expected (N, H, W) grey "
+                                f"or (N, H, W, 3) RGB (3D MedMNIST sets are not supported)")
             if y.ndim == 2 and y.shape[1] == 1:
                 y = y[:, 0]
             if y.ndim != 1 or len(y) != len(x):
-                raise UserError(f"{who}: {path}: {s}_labels has shape {y.shape} for {len(x)} images; expected "
-                                f"({len(x)},) or ({len(x)}, 1) (multi-label sets are not supported)")
+                raise UserError(f"{who}: {path}: {s}_labels has shape {y.shape} for {len(x)} images; "
+                                f"expected ({len(x)},) or ({len(x)}, 1) (multi-label sets are not supported)")
             if x.dtype != np.uint8:
-                if not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255:
+                if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+                    raise UserError(f"{who}: {path}: {s}_images are {x.dtype}; expected uint8")
+                _check_pixels(x, f"{s}_images", path, who)
+                if x.size and (x.min() < 0 or x.max() > 255):
                     raise UserError(f"{who}: {path}: {s}_images are {x.dtype} outside 0..255; expected uint8")
-                x = x.astype(np.uint8)
             if not np.issubdtype(y.dtype, np.integer):
                 if not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)):
                     raise UserError(f"{who}: {path}: {s}_labels are not integer class indices ({y.dtype})")
-            images.append(x if x.ndim == 3 else x.transpose(0, 3, 1, 2))
+            floats.append(np.issubdtype(x.dtype, np.floating))
+            images.append(x)
             labels.append(y.astype(np.int64))
             splits += [s] * len(x)
+    # float images all within [0, 1] are intensities scaled to one (a cast would make every image black)
+    unit = any(floats) and all(not f or not im.size or float(im.max()) <= 1.0 for f, im in zip(floats, images))
+    for k, x in enumerate(images):
+        if x.dtype != np.uint8:
+            x = np.rint(x * 255.0).astype(np.uint8) if unit and floats[k] else x.astype(np.uint8)
+        images[k] = x if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     shapes = {im.shape[1:] for im in images}
     if len(shapes) != 1:
-        raise UserError(f"{who}: {path}: the splits' images differ in shape ({sorted(shapes)})")
+        raise UserError(f"{who}: {path}: the splits' images differ in shape ({few(sorted(shapes), 3)})")
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), tuple(splits)
 
 
@@ -214,8 +290,20 @@ def medmnist_domain(flag: str | None = None, path: str | None = None, root: str 
         known = FLAGS[flag.lower()]
     images, labels, splits = load_npz(file)
     n_classes = int(labels.max()) + 1 if len(labels) else 0
-    if labels.min() < 0:
+    if len(labels) and labels.min() < 0:
         raise UserError(f"medmnist: {file}: negative labels; expected class indices 0..K-1")
+    present = np.unique(labels)
+    if len(present) < n_classes:  # e.g. one label 30000000: no class names, counts or lists of that size
+        absent, expect = [], 0
+        for v in present.tolist():  # the first few missing indices, without an array of n_classes entries
+            absent += list(range(expect, min(v, expect + 5 - len(absent))))
+            expect = v + 1
+            if len(absent) >= 5:
+                break
+        raise UserError(f"medmnist: {file}: labels run up to {n_classes - 1} but only {len(present)} of those "
+                        f"{n_classes} class indices have images (no image has label {few(absent)}"
+                        f"{' ...' if n_classes - len(present) > len(absent) else ''}); labels must be class "
+                        f"indices 0..K-1 with every class present")
     if classes is not None:
         if len(classes) != n_classes or len(set(classes)) != len(classes):
             raise UserError(f"medmnist: classes lists {len(classes)} distinct names but {file} has labels "

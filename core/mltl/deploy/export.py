@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..running.rundir import StageFiles, write_bytes_atomic, write_text_atomic
+from ..running.rundir import StageFiles, refuse_run_file, write_bytes_atomic, write_text_atomic
 from ..version import __version__
 
 log = logging.getLogger("mltl.deploy.export")
@@ -217,8 +217,8 @@ def export(stage: Any, format: Literal["onnx", "torchscript"] = "onnx", out: str
     :class:`mltl.deploy.predict.TrainedStage`) as ONNX or TorchScript.
 
     ``out`` defaults to ``STAGE/model.onnx`` or ``STAGE/model.pt``; a sidecar ``<out>.json`` holds the
-    metadata. Both are written atomically. ``exporter`` picks the ONNX exporter (``auto``: the
-    ``torch.export``-based one, then the TorchScript-based one if that fails).
+    metadata. Both are written atomically, and never over a run's own files (UserError). ``exporter`` picks
+    the ONNX exporter (``auto``: the ``torch.export``-based one, then the TorchScript-based one if that fails).
     """
     from .predict import TrainedStage, load_stage
 
@@ -229,6 +229,9 @@ def export(stage: Any, format: Literal["onnx", "torchscript"] = "onnx", out: str
     path = Path(out) if out is not None else stage.path / f"model{SUFFIX[format]}"
     if path.is_dir():
         raise UserError(f"export: --out {path} is a folder; give a file name, e.g. {path / ('model' + SUFFIX[format])}")
+    sidecar = path.with_name(path.name + ".json")
+    refuse_run_file(path, "export: --out")
+    refuse_run_file(sidecar, f"export: --out {path}: its metadata file")
     meta = export_metadata(stage)
     net = copy.deepcopy(stage.network).to("cpu").eval().requires_grad_(False)  # the caller's copy stays as it is
     model = ProbabilityModel(net, stage.input.mean, stage.input.std).eval()
@@ -243,7 +246,6 @@ def export(stage: Any, format: Literal["onnx", "torchscript"] = "onnx", out: str
         else:
             data, how = _export_torchscript(model, example, meta)
             meta = {**meta, "exporter": f"{how}, torch {torch.__version__}"}
-    sidecar = path.with_name(path.name + ".json")
     write_bytes_atomic(path, data)
     write_text_atomic(sidecar, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return ExportResult(path=path, sidecar=sidecar, format=format, exporter=how, metadata=meta)

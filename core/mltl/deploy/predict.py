@@ -39,7 +39,7 @@ from ..data.domain import prepare_images
 from ..errors import UserError
 from ..networks.network import Network
 from ..plugins import get_registry
-from ..running.rundir import RunFiles, StageFiles, load_network
+from ..running.rundir import RunFiles, StageFiles, guard_csv_cell, load_network, refuse_run_file, write_text_atomic
 from ..training.train import predict_proba
 
 log = logging.getLogger("mltl.deploy.predict")
@@ -196,12 +196,25 @@ def predict(stage: TrainedStage | str | Path, inputs: Sequence[str | Path], *, d
 
 
 def predictions_csv(rows: Sequence[tuple[Path, np.ndarray]], classes: Sequence[str]) -> str:
+    """path, predicted class, one probability per class; a path a spreadsheet would read as a formula gets a
+    leading ``'`` (:func:`mltl.running.rundir.guard_csv_cell`)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "predicted"] + [f"p_{c}" for c in classes])
     for path, p in rows:
-        w.writerow([str(path), classes[int(np.argmax(p))]] + [repr(float(v)) for v in p])
+        w.writerow([guard_csv_cell(str(path)), classes[int(np.argmax(p))]] + [repr(float(v)) for v in p])
     return buf.getvalue()
 
 
-__all__ = ["TrainedStage", "load_stage", "predict", "predictions_csv"]
+def check_csv_path(path: str | Path) -> None:
+    """UserError when ``--csv`` names one of a run's own files (``STAGE/predictions.csv``, ...)."""
+    refuse_run_file(Path(path), "predict: --csv")
+
+
+def write_predictions_csv(path: str | Path, rows: Sequence[tuple[Path, np.ndarray]], classes: Sequence[str]) -> None:
+    """:func:`predictions_csv` written atomically to ``path``, never over a run's own files."""
+    check_csv_path(path)
+    write_text_atomic(Path(path), predictions_csv(rows, classes))
+
+
+__all__ = ["TrainedStage", "check_csv_path", "load_stage", "predict", "predictions_csv", "write_predictions_csv"]

@@ -39,7 +39,8 @@ from .preflight import ChainPlan, prepare, resolve_device
 from .protocols import Repeat, summarise_repeats
 from .resume import check_reuse_dirs, find_earlier, resume_dir
 from .rundir import (Damaged, RunFiles, RunLock, StageFiles, choose_run_dir, copy_stage, environment, finished_repeat,
-                    jsonable, load_network, read_stage, read_variant, splits_csv, write_json_atomic,
+                    jsonable, load_network, read_stage, read_variant, remove_orphan_temporaries, splits_csv,
+                    write_json_atomic,
                     write_repeated_stage, write_splits, write_stage, write_text_atomic, write_variant)
 
 log = logging.getLogger("mltl")
@@ -280,7 +281,7 @@ class _StageRunner:
 
         fitted = fit(net, data["train"], data["val"], cfg.train, config.input, classes=domain.classes,
                      seed=seed, on_epoch=on_epoch, checkpoint=vfiles.checkpoint,
-                     checkpoint_seconds=checkpoint_seconds())
+                     checkpoint_seconds=checkpoint_seconds(), key=f"stages.{plan.stage.name}.train", source=config.source)
         val = _predictions(net, domain, splits["val"], "val", data["val"].x, config.input)
         val_metrics = classification_metrics(val.labels, val.probs, domain.classes)
         cand = Candidate(variant=label, selection_value=metric_value(val_metrics, plan.stage.select_by),
@@ -338,6 +339,7 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
             path = resume_dir(config, out) if resume else choose_run_dir(out, config.run.name)
             path.mkdir(parents=True, exist_ok=True)
             stack.enter_context(RunLock(path))
+            remove_orphan_temporaries(path)  # what a killed process left half-written (never a live run's)
             return path
 
         run_dir = distributed.on_rank0(claim)

@@ -13,11 +13,20 @@ class-stratified bootstrap), accuracy, and the test of its difference from the f
 for a binary target, the paired bootstrap for a multi-class macro AUC. A k-fold target (the default for a
 small last stage) is judged on its pooled out-of-fold predictions, every image once, and the table adds
 the mean +/- SD over folds.
+
+A target repeated over training fractions (``split.protocol = "fractions"``, Samala et al.'s protocol) is
+also judged at every fraction (:func:`fraction_comparison`): each chain's test AUC over its draws (mean +/-
+SD and every value), and the paired difference of each chain from the reference with a 95% CI and a
+p-value from :func:`mltl.evaluation.stats.paired_bootstrap_over_draws` (draws and test images resampled;
+draw k of a fraction trained on the same images in every chain, the plan deriving them from the split seed,
+the fraction and the draw, never from the chain), and a learning-curve figure with every chain.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +39,7 @@ from ..evaluation import report
 from ..evaluation.metrics import classification_metrics
 from ..evaluation.report import Block, Figure, Heading, Para, Table, render_markdown
 from ..evaluation.results import Predictions, StageResult
-from ..evaluation.stats import delong_test, paired_bootstrap
+from ..evaluation.stats import delong_test, macro_auc, paired_bootstrap, paired_bootstrap_over_draws
 from ..plugins import hooks
 from .rundir import (
     RunFiles,
@@ -45,12 +54,18 @@ if TYPE_CHECKING:
     from .chain import RunResult
 
 
+MAX_RESAMPLES = 100_000  # bootstrap resamples: each is a row of test-image indices held in memory
+
+
 @attrs.frozen(eq=False)
 class Comparison:
-    """What :func:`compare` wrote (``out``, with ``comparison.md``) and its table, one row per chain."""
+    """What :func:`compare` wrote (``out``, with ``comparison.md``) and its table, one row per chain;
+    ``fractions``: for a target repeated over training fractions, the per-fraction comparison
+    (:func:`fraction_comparison`), else empty."""
 
     out: Path
     rows: tuple[dict[str, Any], ...]
+    fractions: tuple[dict[str, Any], ...] = ()
 
 
 def _effective_head(stages: list[dict[str, Any]], index: int) -> dict[str, Any] | None:
@@ -110,6 +125,8 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     """
     from .chain import run
 
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or not 1 <= n_resamples <= MAX_RESAMPLES:
+        raise UserError(f"--resamples must be a whole number from 1 to {MAX_RESAMPLES:,}, got {n_resamples!r}")
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     derived = {name: parse_config(raw, f"{config.source} ({name})") for name, raw in chains(config).items()}
@@ -134,17 +151,30 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     return write_comparison(out_dir, results, n_resamples=n_resamples, seed=config.run.seed)
 
 
+@attrs.frozen
+class FractionScores:
+    """One chain's target at one training fraction: every draw's test macro AUC, in draw order (NaN where
+    undefined), and the mean number of training images over the draws."""
+
+    fraction: float
+    n_train: float
+    aucs: tuple[float, ...]
+
+
 @attrs.frozen(eq=False)
 class ChainScores:
     """One chain's target as the comparison judges it, handed to ``mltl_comparison_figures`` hooks.
 
     ``predictions``: the target's test predictions (pooled out-of-fold for a k-fold target), the same
-    images in the same order for every chain; ``auc_ci95``: the 95% CI of their macro AUC, as printed.
+    images in the same order for every chain; ``auc_ci95``: the 95% CI of their macro AUC, as printed;
+    ``fractions``: for a target repeated over training fractions, one :class:`FractionScores` per fraction
+    (ascending), else empty.
     """
 
     name: str
     predictions: Predictions
     auc_ci95: tuple[float, float]
+    fractions: tuple[FractionScores, ...] = ()
 
 
 def write_comparison(out_dir: Path, results: Mapping[str, RunResult], *, n_resamples: int = 1000,
@@ -192,16 +222,186 @@ def write_comparison(out_dir: Path, results: Mapping[str, RunResult], *, n_resam
                 row["test"] = "paired bootstrap of the macro-AUC difference"
         rows.append(row)
         scored.append(ChainScores(name=name, predictions=test, auc_ci95=(boot["ci_low"], boot["ci_high"])))
+    fractions = None
+    if all(_is_fractions(result.stages[-1]) for result in results.values()):
+        fractions = fraction_comparison({name: result.stages[-1] for name, result in results.items()}, reference,
+                                        n_resamples=n_resamples, seed=seed)
+        by_chain = {c: tuple(FractionScores(fraction=f["fraction"], n_train=f["chains"][i]["n_train"],
+                                            aucs=tuple(math.nan if v is None else v
+                                                       for v in f["chains"][i]["auc_values"]))
+                             for f in fractions)
+                    for i, c in enumerate(results)}
+        scored = [attrs.evolve(c, fractions=by_chain[c.name]) for c in scored]
     figures = [f for answer in hooks().comparison_figures(scored, out_dir)
                for f in answer or ()]
     names = [f.path.relative_to(out_dir).as_posix() if f.path.is_relative_to(out_dir) else str(f.path)
              for f in figures]
-    write_json_atomic(out_dir / "comparison.json", {"reference": reference, "rows": rows,
-                                                    "figure": names[0] if names else None, "figures": names,
-                                                    "n_resamples": n_resamples, "seed": seed})
-    write_text_atomic(out_dir / "comparison.md", render(rows, reference, figures, out_dir))
-    write_text_atomic(out_dir / "comparison.html", render_html(rows, reference, figures))
-    return Comparison(out=out_dir, rows=tuple(rows))
+    payload: dict[str, Any] = {"reference": reference, "rows": rows, "figure": names[0] if names else None,
+                               "figures": names, "n_resamples": n_resamples, "seed": seed}
+    if fractions is not None:
+        payload["fractions"] = fractions
+        payload["fractions_method"] = FRACTIONS_METHOD
+    write_json_atomic(out_dir / "comparison.json", payload)
+    write_text_atomic(out_dir / "comparison.md", render(rows, reference, figures, out_dir, fractions))
+    write_text_atomic(out_dir / "comparison.html", render_html(rows, reference, figures, fractions))
+    return Comparison(out=out_dir, rows=tuple(rows), fractions=tuple(fractions or ()))
+
+
+FRACTIONS_METHOD = (
+    "Per training fraction, each chain's test macro AUC is computed from every draw's predictions.csv "
+    "(repeats/<label>/); mean and sample SD (n - 1) over the draws. Draw k of a fraction trained on the same "
+    "images in every chain, and every draw is tested on the same test images, so the differences are paired. "
+    "The difference of a chain from the reference is the mean over draws of (chain AUC - reference AUC) for "
+    "the same draw; its 95% CI and two-sided p-value come from a bootstrap (mltl.evaluation.stats."
+    "paired_bootstrap_over_draws) that resamples the draws with replacement and the test images (class-"
+    "stratified, the same image resample for every draw and every chain) and takes twice the smaller share "
+    "of resampled mean differences on either side of 0. A difference is called detected when the CI "
+    "excludes 0. With few draws (e.g. 3) the draw resampling is coarse: read every draw's value too.")
+
+
+def _is_fractions(stage: StageResult) -> bool:
+    return (stage.metrics.get("protocol") or {}).get("name") == "fractions"
+
+
+def _train_ids(path: Path) -> frozenset[str] | None:
+    """The ids of the training split of a ``splits.csv`` (None when the file is missing)."""
+    try:
+        with open(path, newline="") as f:
+            return frozenset(r["id"] for r in csv.DictReader(f) if r["split"] == "train")
+    except OSError:
+        return None
+
+
+def _aligned(pred: Predictions, ids: tuple[str, ...]) -> Predictions:
+    """``pred`` with its rows in the order of ``ids`` (the same set of images)."""
+    if pred.ids == ids:
+        return pred
+    where = {i: k for k, i in enumerate(pred.ids)}
+    if set(where) != set(ids):
+        raise RuntimeError("the draws of a fractions target were tested on different images; this is a bug in "
+                           "mltl compare or a damaged run directory")
+    order = [where[i] for i in ids]
+    return attrs.evolve(pred, ids=ids, labels=pred.labels[order], probs=pred.probs[order], groups=None)
+
+
+def fraction_comparison(targets: Mapping[str, StageResult], reference: str, *, n_resamples: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> list[dict[str, Any]]:
+    """Every chain's fractions target judged at each training fraction (see :data:`FRACTIONS_METHOD`).
+
+    ``targets``: each chain's target stage (repeated over the same fractions and draws), by chain name, in
+    table order. Each draw's test predictions are read from ``repeats/<label>/predictions.csv`` (the labels
+    from the stage's ``repeats.json``). Returns one dict per fraction, ascending: ``fraction``, ``n_draws``,
+    ``same_training_images`` (every chain's draw k trained on the same ids, from each draw's
+    ``splits.csv``), ``detected`` (chains whose CI excludes 0), ``sentence``, and ``chains``: per chain
+    ``chain``, ``n_train``, ``auc_mean``, ``auc_sd``, ``auc_values`` (per draw), ``draws`` (labels) and, but
+    for the reference, ``diff_vs_reference`` (``mean``, ``per_draw``, ``ci95``, ``p``, ``detected``).
+    """
+    import json
+
+    draws: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for name, stage in targets.items():
+        files = StageFiles(stage.stage_dir)
+        try:
+            rows = json.loads(files.repeats_json.read_text())["rows"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{files.repeats_json}: cannot read the repeats of chain {name!r} ({exc}); "
+                            f"re-run the comparison with --resume") from None
+        by_fraction: dict[float, list[dict[str, Any]]] = {}
+        for r in sorted((r for r in rows if r.get("fraction") is not None), key=lambda r: (r["fraction"], r["draw"])):
+            by_fraction.setdefault(float(r["fraction"]), []).append(r)
+        draws[name] = by_fraction
+    ref_fracs = draws[reference]
+    for name, by_fraction in draws.items():
+        if {f: [r["draw"] for r in rs] for f, rs in by_fraction.items()} != \
+                {f: [r["draw"] for r in rs] for f, rs in ref_fracs.items()}:
+            raise UserError(f"chain {name!r} was repeated over other fractions or draws than {reference!r}; "
+                            f"the chains of a comparison share the target's split settings (re-run mltl compare)")
+    classes = tuple(targets[reference].classes)
+    out = []
+    for fraction, ref_rows in sorted(ref_fracs.items()):
+        preds: dict[str, list[Predictions]] = {}
+        train_ids: dict[str, list[frozenset[str] | None]] = {}
+        ids: tuple[str, ...] | None = None
+        for name, stage in targets.items():
+            files = StageFiles(stage.stage_dir)
+            preds[name], train_ids[name] = [], []
+            for r in draws[name][fraction]:
+                rep = files.repeat(r["label"])
+                pred = read_predictions(rep.predictions, "test", classes)
+                ids = ids if ids is not None else pred.ids
+                preds[name].append(_aligned(pred, ids))
+                train_ids[name].append(_train_ids(rep.splits))
+        same = all(train_ids[name][k] is not None and train_ids[name][k] == train_ids[reference][k]
+                   for name in targets for k in range(len(ref_rows)))
+        labels = preds[reference][0].labels
+        entries = []
+        for name in targets:
+            aucs = [macro_auc(p.labels, p.probs) for p in preds[name]]
+            finite = [a for a in aucs if math.isfinite(a)]
+            n_train = [r.get("n_train") for r in draws[name][fraction] if r.get("n_train") is not None]
+            entry: dict[str, Any] = {
+                "chain": name, "draws": [r["label"] for r in draws[name][fraction]],
+                "n_train": float(sum(n_train) / len(n_train)) if n_train else None,
+                "auc_values": [a if math.isfinite(a) else None for a in aucs],
+                "auc_mean": sum(finite) / len(finite) if finite else None,
+                "auc_sd": _sample_sd(finite),
+            }
+            if name != reference:
+                d = paired_bootstrap_over_draws(labels, [p.probs for p in preds[name]],
+                                                [p.probs for p in preds[reference]],
+                                                n_resamples=n_resamples, seed=seed, level=level)
+                lo, hi = d["diff_ci_low"], d["diff_ci_high"]
+                detected = bool(math.isfinite(lo) and math.isfinite(hi) and (lo > 0 or hi < 0))
+                entry["diff_vs_reference"] = {
+                    "mean": d["diff"], "per_draw": d["diffs"], "ci95": [lo, hi], "p": d["p"],
+                    "p_resolution": 2.0 / n_resamples, "detected": detected}
+            entries.append(entry)
+        item = {"fraction": fraction, "n_draws": len(ref_rows), "same_training_images": same,
+                "chains": entries,
+                "detected": [e["chain"] for e in entries if (e.get("diff_vs_reference") or {}).get("detected")]}
+        item["sentence"] = _fraction_sentence(item, reference)
+        out.append(item)
+    return out
+
+
+def _sample_sd(values: Sequence[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _fraction_label(item: Mapping[str, Any]) -> str:
+    ref_n = next((e["n_train"] for e in item["chains"] if e.get("n_train") is not None), None)
+    images = "" if ref_n is None else f" (~{ref_n:.0f} training images)"
+    return f"{item['fraction'] * 100:g}%{images}"
+
+
+def _fraction_sentence(item: Mapping[str, Any], reference: str) -> str:
+    """One plain sentence: at this fraction, is a difference from the reference detected, and for whom."""
+    parts = []
+    for e in item["chains"]:
+        d = e.get("diff_vs_reference")
+        if d is None:
+            continue
+        lo, hi = d["ci95"]
+        ci = f"95% CI {_num(lo)} to {_num(hi)}, p {_p_text(d['p'], d['p_resolution'])}"
+        if d["detected"]:
+            direction = "higher" if d["mean"] > 0 else "lower"
+            parts.append(f"{e['chain']} is {direction} than {reference} by {abs(d['mean']):.3f} AUC ({ci}): "
+                         f"a difference is detected")
+        else:
+            parts.append(f"{e['chain']} differs from {reference} by {d['mean']:+.3f} AUC ({ci}): no difference "
+                         f"is detected (the CI includes 0)")
+    where = f"At training fraction {_fraction_label(item)}, over {item['n_draws']} draw(s): "
+    caveat = "" if item["same_training_images"] else (
+        " Warning: the chains' draws did not all train on the same images (see each draw's splits.csv), so "
+        "these differences are not fully paired.")
+    return where + "; ".join(parts) + "." + caveat
 
 
 def _evaluated(stage: StageResult) -> Predictions:
@@ -235,7 +435,8 @@ def _p_text(p: float | None, resolution: float | None) -> str:
     return f"{p:.3g}"
 
 
-def _blocks(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure]) -> list[Block]:
+def _blocks(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure],
+            fractions: Sequence[Mapping[str, Any]] | None = None) -> list[Block]:
 
     table = []
     for r in rows:
@@ -262,19 +463,49 @@ def _blocks(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure
              "representative repeat; training time sums every repeat. Each chain's own run directory holds its "
              "full report (`report.html`)."),
     ]
+    if fractions:
+        blocks[-1] = Para(blocks[-1].text + " The target is repeated over training fractions: the table above is "
+                          "its representative draw at the largest fraction; the sections below judge every "
+                          "fraction over all its draws.")
+        blocks += _fraction_blocks(fractions, reference)
     return blocks + list(figures)
 
 
+def _fraction_blocks(fractions: Sequence[Mapping[str, Any]], reference: str) -> list[Block]:
+    blocks: list[Block] = [Heading(2, f"By training fraction (every draw; paired differences against {reference})")]
+    for item in fractions:
+        table = []
+        for e in item["chains"]:
+            d = e.get("diff_vs_reference")
+            spread = _num(e["auc_mean"]) + ("" if e["auc_sd"] is None else f" +/- {_num(e['auc_sd'])}")
+            table.append((e["chain"], "-" if e["n_train"] is None else f"{e['n_train']:.0f}", spread,
+                          ", ".join(_num(v) for v in e["auc_values"]),
+                          "reference" if d is None else
+                          f"{d['mean']:+.3f} ({_num(d['ci95'][0])} to {_num(d['ci95'][1])})",
+                          "-" if d is None else _p_text(d["p"], d["p_resolution"])))
+        blocks += [
+            Heading(3, f"Training fraction {_fraction_label(item)}"),
+            Table(("chain", "training images (mean)", "test AUC mean +/- SD", "every draw",
+                   f"difference vs {reference} (95% CI)", "p"), tuple(table)),
+            Para(item["sentence"]),
+        ]
+    blocks.append(Para("How: " + FRACTIONS_METHOD))
+    return blocks
+
+
 def render(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure] = (),
-           out_dir: Path = Path(".")) -> str:
-    """``comparison.md``: the table of ``rows``, then ``figures`` (linked relative to ``out_dir``);
-    :func:`render_html` gives the same as a self-contained ``comparison.html``."""
-    return render_markdown(_blocks(rows, reference, figures), out_dir)
+           out_dir: Path = Path("."), fractions: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """``comparison.md``: the table of ``rows``, the per-fraction tables of a fractions target
+    (:func:`fraction_comparison`), then ``figures`` (linked relative to ``out_dir``); :func:`render_html`
+    gives the same as a self-contained ``comparison.html``."""
+    return render_markdown(_blocks(rows, reference, figures, fractions), out_dir)
 
 
-def render_html(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure] = ()) -> str:
+def render_html(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure] = (),
+                fractions: Sequence[Mapping[str, Any]] | None = None) -> str:
     """``comparison.html``: :func:`render`'s content with the figures embedded."""
-    return report.render_html(_blocks(rows, reference, figures), "mltl chain comparison")
+    return report.render_html(_blocks(rows, reference, figures, fractions), "mltl chain comparison")
 
 
-__all__ = ["ChainScores", "Comparison", "chains", "compare", "render", "render_html", "write_comparison"]
+__all__ = ["FRACTIONS_METHOD", "ChainScores", "Comparison", "FractionScores", "chains", "compare",
+           "fraction_comparison", "render", "render_html", "write_comparison"]

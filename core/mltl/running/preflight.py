@@ -8,10 +8,12 @@ the data cannot make in the last stage fails in seconds, not after hours of trai
 
 from __future__ import annotations
 
+import os
+
 import attrs
 import torch
 
-from ..config import Config
+from ..config import SEED_MAX, Config
 from ..data.datacheck import audit_leakage
 from ..data.domain import Domain
 from ..errors import ConfigError, UserError
@@ -20,6 +22,7 @@ from ..networks.finetune import check as check_finetuning
 from ..networks.freeze import FreezePolicy
 from ..networks.network import HeadSpec, Network, build_network, derive, make_spec
 from ..plugins import Registry, check_options, get_registry
+from ..training.train import check_batch_size
 from .plan import StagePlan, domain_key, load_domains, plan_stage, stage_key
 
 
@@ -47,9 +50,82 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+# Training holds about four copies of the parameters (weights, gradients, two optimiser moments).
+TRAINING_COPIES = 4
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_network_sizes(config: Config, registry: Registry, memory: int | None = None) -> None:
+    """Count every variant's parameters on the ``meta`` device (no memory allocated) and refuse a network
+    whose training state (:data:`TRAINING_COPIES` float32 copies) exceeds this machine's memory, before the
+    real build below allocates and initialises it (a large ``[input] size`` makes a flattening backbone's
+    dense layers huge; so do wide ``head.dense`` layers)."""
+    memory = memory if memory is not None else memory_bytes()
+    if not memory:
+        return
+    try:
+        with torch.device("meta"):
+            nets = _build_networks(config, registry)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 -- a backbone that cannot be built on "meta": the real build checks it
+        return
+    for i, stage in enumerate(config.stages):
+        for net in nets.get(stage.name, []):
+            n = sum(p.numel() for p in net.parameters())
+            need = n * 4 * TRAINING_COPIES
+            if need > memory:
+                raise ConfigError(
+                    f"the network has {n:,} parameters ({n * 4 / 1e9:.1f} GB of float32 weights, about "
+                    f"{need / 1e9:.0f} GB to train), more than this machine's {memory / 1e9:.0f} GB of memory; "
+                    f"lower [input] size or the head's dense widths, or choose a smaller backbone",
+                    key=stage_key(i), source=config.source)
+
+
+def check_seed_options(config: Config) -> None:
+    """A domain or backbone option named ``seed`` (or ``*_seed``) must be a seed numpy accepts."""
+    for i, stage in enumerate(config.stages):
+        for _, cfg in stage.variants:
+            tables = [("domain", cfg.domain.options)]
+            if cfg.backbone is not None:
+                tables.append(("backbone", cfg.backbone.options))
+            for where, options in tables:
+                for name, value in options.items():
+                    if (name == "seed" or str(name).endswith("_seed")) and isinstance(value, int) \
+                            and not isinstance(value, bool) and not 0 <= value <= SEED_MAX:
+                        raise ConfigError(f"{value} must be a seed from 0 to {SEED_MAX} (2**32 - 1)",
+                                          key=f"{stage_key(i)}.{where}.{name}", source=config.source)
+
+
+def check_output_names(config: Config, reporters: list) -> None:
+    """A stage folder must not be a file or folder that a reporter writes in the run directory."""
+    outputs = {}
+    for rep in reporters:
+        for attr in ("file", "log_dir"):
+            value = getattr(rep, attr, None)
+            if isinstance(value, str):
+                outputs[value.lower()] = f"{type(rep).__name__} {attr}"
+    for i, stage in enumerate(config.stages):
+        if stage.name.lower() in outputs:
+            raise ConfigError(f'stage name "{stage.name}" is also the name of what a reporter writes in the run '
+                              f'directory ({outputs[stage.name.lower()]}); rename the stage or the reporter option',
+                              key=f"{stage_key(i)}.name", source=config.source)
+
+
 def check_networks(config: Config, registry: Registry) -> None:
     """Build every variant's network (untrained, tiny placeholder classes) and resolve its freeze policy,
     so an unknown backbone option or layer group fails before any training."""
+    _build_networks(config, registry)
+
+
+def _build_networks(config: Config, registry: Registry) -> dict[str, list[Network]]:
     built: dict[str, list[Network]] = {}
     for i, stage in enumerate(config.stages):
         key = stage_key(i)
@@ -69,12 +145,14 @@ def check_networks(config: Config, registry: Registry) -> None:
                     net.set_frozen(FreezePolicy(cfg.freeze).resolve(net, registry, key=f"{key}.freeze",
                                                                     source=config.source))
                     check_finetuning(net, cfg.train, key=f"{key}.train", source=config.source)
+                    check_batch_size(net, cfg.train, key=f"stages.{stage.name}.train", source=config.source)
                 except ConfigError as exc:
                     errors.append(exc)
             if len(errors) == len(candidates):  # wrong for every network the stage may start from
                 raise errors[0]
             nets.extend(candidates)
         built[stage.name] = nets
+    return built
 
 
 def validate(config: Config, registry: Registry | None = None) -> None:
@@ -88,7 +166,10 @@ def validate(config: Config, registry: Registry | None = None) -> None:
                           reserved={"image_size"})
     for name in config.run.reporters or ():
         registry.get("reporter", name, key="run.reporters", source=config.source)
-    make_reporters(config, registry)  # names and options of the reporters, before any data is read
+    reporters = make_reporters(config, registry)  # names and options of the reporters, before any data is read
+    check_output_names(config, reporters)
+    check_seed_options(config)
+    check_network_sizes(config, registry)
     check_networks(config, registry)
 
 

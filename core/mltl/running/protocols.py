@@ -23,6 +23,7 @@ the pooled out-of-fold predictions (``oof_predictions.csv``).
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -91,28 +92,58 @@ def plan_repeats(split: SplitConfig, protocol: str) -> list[Repeat]:
 
 
 def splits_from_file(domain: Domain, path: str, where: str) -> dict[str, np.ndarray]:
-    """A saved assignment (``splits.csv`` of an earlier run: columns id and split) applied to ``domain``."""
+    """A saved assignment (``splits.csv`` of an earlier run: columns id and split) applied to ``domain``.
+
+    Every problem is one line naming the file (and the line): not UTF-8 text, not CSV, a missing column, an
+    empty id, an unknown split, an id given two different splits."""
+    from ..data.limits import few
+
     file = Path(path).expanduser()
+    name = f"{where}split.file {file}"
     try:
-        with open(file, newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"id", "split"} <= set(reader.fieldnames):
-                raise UserError(f"{where}split.file {file}: needs columns id and split "
-                                f"(found {', '.join(reader.fieldnames or []) or 'none'})")
-            assigned: dict[str, str] = {}
-            for line, row in enumerate(reader, start=2):
-                if row["split"] not in SPLITS:
-                    raise UserError(f"{where}split.file {file} line {line}: split {row['split']!r} is not one of "
-                                    f"train, val, test")
-                assigned[row["id"]] = row["split"]
+        data = file.read_bytes()
     except OSError as exc:
         raise UserError(f"{where}split.file: cannot read {file}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{name}: not a UTF-8 text file (byte {exc.start} is {data[exc.start:exc.start + 1]!r}); "
+                        f"give the splits.csv an earlier run wrote (columns id, split)") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise UserError(f"{name} line {line}: a NUL byte; this is not a CSV text file (give the splits.csv an "
+                        f"earlier run wrote: columns id, split)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    assigned: dict[str, tuple[str, int]] = {}
+    try:
+        header = next(reader, None)
+        columns = [h.strip() for h in header or []]
+        if "id" not in columns or "split" not in columns:
+            raise UserError(f"{name}: needs columns id and split (found {few(columns, 6) or 'none'})")
+        i_id, i_split = columns.index("id"), columns.index("split")
+        for fields in reader:
+            line = reader.line_num
+            if not any(f.strip() for f in fields):
+                continue
+            image = fields[i_id] if i_id < len(fields) else ""
+            split = fields[i_split].strip() if i_split < len(fields) else ""
+            if not image:
+                raise UserError(f"{name} line {line}: empty id; every row needs an image id and a split")
+            if split not in SPLITS:
+                raise UserError(f"{name} line {line}: split {few([repr(split)])} is not one of train, val, test")
+            if image in assigned and assigned[image][0] != split:
+                first_split, first_line = assigned[image]
+                raise UserError(f"{name} lines {first_line} and {line}: image {few([image])} is given two splits "
+                                f"({first_split}, then {split}); keep one line per image")
+            assigned.setdefault(image, (split, line))
+    except csv.Error as exc:
+        raise UserError(f"{name} line {reader.line_num}: not valid CSV ({str(exc)[:80]})") from None
     missing = [i for i in domain.ids if i not in assigned]
     if missing:
-        raise UserError(f"{where}split.file {file} assigns no split to {len(missing)} of the domain's "
-                        f"{len(domain)} images (first: {missing[0]}); the data changed since that split was "
+        raise UserError(f"{name} assigns no split to {len(missing)} of the domain's "
+                        f"{len(domain)} images (first: {few(missing[:1])}); the data changed since that split was "
                         f"made: remove split.file to split afresh, or restore the images")
-    split_of = np.array([assigned[i] for i in domain.ids])
+    split_of = np.array([assigned[i][0] for i in domain.ids])
     return {s: np.flatnonzero(split_of == s) for s in SPLITS}
 
 

@@ -3,8 +3,11 @@ writer and reader of a finished stage.
 
 Every file mltl writes goes to a temporary file in the same folder first and is then renamed over the
 target (``os.replace`` is atomic on POSIX and Windows), so a crash leaves the old file or the new one,
-never half of one. Completion markers are written last: ``variant.json`` marks a trained sweep variant,
-``metrics.json`` a finished stage (or repeat), so ``--resume`` trusts nothing half-written.
+never half of one (a killed process leaves its temporary ``.NAME.XXXXXXXX.tmp``, which
+:func:`remove_orphan_temporaries` removes under the run's :class:`RunLock`). Completion markers are written
+last: ``variant.json`` marks a trained sweep variant, ``metrics.json`` a finished stage (or repeat), so
+``--resume`` trusts nothing half-written. Commands other than ``mltl run`` never write a run's own files
+(:func:`is_run_file`), and ``predictions.csv`` guards cells a spreadsheet would execute (:func:`guard_csv_cell`).
 
 Layout (:class:`RunFiles`, :class:`StageFiles`)::
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -40,6 +44,8 @@ from ..errors import UserError
 from ..evaluation.results import Predictions
 from ..networks.network import Network, build_network
 from ..training import distributed as _distributed
+
+log = logging.getLogger("mltl")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -127,10 +133,26 @@ def choose_run_dir(out: str | None, name: str) -> Path:
 
 
 def environment(device: torch.device, seed: int) -> dict[str, Any]:
-    """Versions, hardware and seed: what a reviewer needs to reproduce a number."""
-    packages = {}
-    for dist in ("mltl", "mltl-gfe", "mltl-ct", "mltl-samala", "mltl-roc", "torch", "torchvision", "timm",
-                 "numpy", "scikit-learn", "pluggy", "attrs", "rich", "safetensors", "matplotlib", "Pillow"):
+    """Versions, hardware and seed: what a reviewer needs to reproduce a number.
+
+    ``packages`` holds mltl, every installed distribution with an entry point in the group ``mltl`` (the
+    plugins, first-party or not; also listed under ``plugins``) and the libraries that shape a result
+    (``libraries`` below), each with its version, where installed."""
+    libraries = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "scipy", "pydicom", "nibabel",
+                 "safetensors", "pluggy", "attrs", "rich", "matplotlib", "Pillow")
+    plugins: dict[str, str] = {}
+    for dist in metadata.distributions():
+        try:
+            name = dist.metadata["Name"]
+            if name and name not in plugins and any(ep.group == "mltl" for ep in dist.entry_points):
+                plugins[name] = dist.version
+        except Exception:  # a broken metadata folder of some other package is no reason to fail a run
+            continue
+    packages: dict[str, str] = {}
+    for dist in ("mltl", *sorted(plugins, key=str.lower), *libraries):
+        if dist in plugins:
+            packages[dist] = plugins[dist]
+            continue
         try:
             packages[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -146,6 +168,7 @@ def environment(device: torch.device, seed: int) -> dict[str, Any]:
         "device": str(device),
         "seed": seed,
         "packages": packages,
+        "plugins": dict(sorted(plugins.items(), key=lambda kv: kv[0].lower())),
     }
     if device.type == "cuda":
         env["cuda"] = {"name": torch.cuda.get_device_name(device), "version": torch.version.cuda,
@@ -154,62 +177,191 @@ def environment(device: torch.device, seed: int) -> dict[str, Any]:
 
 
 class RunLock:
-    """An exclusive lock on a run directory (``.lock`` holding host and pid).
+    """An exclusive lock on a run directory: an OS lock on its ``.lock`` file (``flock`` on POSIX,
+    ``msvcrt.locking`` on Windows), so exactly one of two racing processes gets it.
 
-    A second ``mltl run`` on the same directory is refused with a clear message; a lock left by a process
-    that no longer exists on this host is stale and taken over.
+    The kernel releases the lock when its holder dies, so a lock file left by a killed process is taken
+    over. The file holds the holder's host and pid, for the message a refused process gets; one naming
+    another host is honoured even when unlocked (an OS lock may not reach across hosts on a network drive).
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = RunFiles(Path(run_dir)).lock
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def __enter__(self) -> RunLock:
-        me = f"{platform.node()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
-                host, _, pid = owner.partition(" ")
-                if host == platform.node() and pid.isdigit() and not _alive(int(pid)):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise UserError(
-                    f"{self.path.parent}: the run directory is in use by process {pid or '?'} on {host or '?'}; "
-                    f"wait for it to finish, or if that process is gone, delete {self.path}"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return self
-        raise UserError(f"{self.path}: could not take the run directory's lock")
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            if not _lock_fd(fd):
+                os.close(fd)
+                raise self._in_use()
+            if _same_file(fd, self.path):  # not a file its last holder removed while we opened it
+                break
+            _unlock_fd(fd)
+            os.close(fd)
+        else:
+            raise UserError(f"{self.path}: could not take the run directory's lock")
+        host = self._owner()[0]
+        if host and host != platform.node():
+            _unlock_fd(fd)
+            os.close(fd)
+            raise self._in_use()
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{platform.node()} {os.getpid()}".encode())
+        self._fd = fd
+        return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.held:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if os.name == "nt":  # an open file cannot be removed: release, close, then remove if no one opened it
+            _unlock_fd(fd)
+            os.close(fd)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return
+        if _same_file(fd, self.path):  # removed while still locked: whoever opened it meanwhile retries
             self.path.unlink(missing_ok=True)
-            self.held = False
+        os.close(fd)
+
+    def _owner(self) -> tuple[str, str]:
+        try:
+            owner = self.path.read_text(errors="replace").strip()
+        except OSError:
+            owner = ""
+        host, _, pid = owner.partition(" ")
+        return host, pid
+
+    def _in_use(self) -> UserError:
+        host, pid = self._owner()
+        return UserError(f"{self.path.parent}: the run directory is in use by process {pid or '?'} on "
+                         f"{host or '?'}; wait for it to finish, or if that process is gone, delete {self.path}")
 
 
-def _alive(pid: int) -> bool:
+_WINDOWS_LOCK_OFFSET = 1 << 20  # the byte locked on Windows, past the text, which stays readable
+
+
+def _lock_fd(fd: int) -> bool:
+    """Lock the open file ``fd`` without waiting; False when another process holds it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if os.name == "nt":
+            import msvcrt
+
+            os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            os.lseek(fd, 0, os.SEEK_SET)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
         return False
-    except PermissionError:
-        return True
+    except OSError as exc:
+        if os.name == "nt":  # msvcrt reports a held lock as EDEADLOCK / EACCES
+            return False
+        raise UserError(f"cannot lock the run directory ({exc}); the file system may not support file "
+                        f"locks (a network drive mounted without them?)") from None
     return True
 
 
+def _unlock_fd(fd: int) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        except OSError:
+            pass
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    there = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+#: the temporary file of an atomic write (``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``)
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+#: a stage folder half-copied by ``--reuse`` (:func:`copy_stage`)
+_REUSE_TEMPORARY = re.compile(r"\..+\.reuse-tmp")
+
+
+def remove_orphan_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what interrupted writes left in ``run_dir``: temporary files of atomic writes
+    (``.NAME.XXXXXXXX.tmp``) and half-copied stages of ``--reuse`` (``.STAGE.reuse-tmp``); return them.
+
+    Call it only while holding the run directory's :class:`RunLock` (a write in progress looks the same)."""
+    removed: list[Path] = []
+    for folder, dirs, names in os.walk(run_dir):
+        for d in [d for d in dirs if _REUSE_TEMPORARY.fullmatch(d)]:
+            dirs.remove(d)
+            shutil.rmtree(Path(folder) / d, ignore_errors=True)
+            removed.append(Path(folder) / d)
+        for name in names:
+            if _TEMPORARY.fullmatch(name):
+                (Path(folder) / name).unlink(missing_ok=True)
+                removed.append(Path(folder) / name)
+    for path in removed:
+        log.info("%s: removed, left by an interrupted write", path)
+    return removed
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run directory ``path`` lies in: the nearest folder above it holding ``config.toml`` and
+    ``state.json`` or ``environment.json`` (symbolic links and ``..`` resolved); None outside any."""
+    for folder in Path(path).resolve().parents:
+        files = RunFiles(folder)
+        if files.config.is_file() and (files.state.is_file() or files.environment.is_file()):
+            return folder
+    return None
+
+
+def is_run_file(path: Path) -> bool:
+    """``path`` is one of a run directory's own files, named by :class:`RunFiles` (at its top) or
+    :class:`StageFiles` (in a stage, repeat or variant folder): only ``mltl run`` may write those.
+    Names compare case-insensitively (macOS and Windows file systems do)."""
+    run = run_dir_of(path)
+    if run is None:
+        return False
+    parts = Path(path).resolve().relative_to(run).parts
+    if len(parts) == 1:
+        return RunFiles.is_own_name(parts[0])
+    return parts[-1].casefold() in {n.casefold() for n in StageFiles.NAMES}
+
+
+def refuse_run_file(path: Path, option: str) -> None:
+    """UserError when a command's output ``path`` (given with ``option``) would overwrite a run's own file."""
+    if is_run_file(path):
+        raise UserError(f"{option} {path}: that is a file of the run in {run_dir_of(path)}, which this would "
+                        f"overwrite; write to another name or outside the run directory")
+
+
 def read_predictions(path: Path, split: str, classes: tuple[str, ...]) -> Predictions:
+    """One split's rows of a ``predictions.csv`` (ids and groups as they were before :func:`guard_csv_cell`)."""
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == split]
-    return Predictions(ids=tuple(r["id"] for r in rows), split=split,
+    return Predictions(ids=tuple(unguard_csv_cell(r["id"]) for r in rows), split=split,
                        labels=np.array([classes.index(r["label"]) for r in rows], dtype=np.int64),
                        probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
                        .reshape(len(rows), len(classes)),
                        classes=classes,
-                       groups=tuple(r["group"] for r in rows) if rows and all(r.get("group") for r in rows) else None)
+                       groups=tuple(unguard_csv_cell(r["group"]) for r in rows) if rows and all(r.get("group") for r in rows)
+                       else None)
 
 
 def load_network(path: Path, registry: Any = None) -> Network:
@@ -255,6 +407,9 @@ class StageFiles:
     OOF_PREDICTIONS = "oof_predictions.csv"
     #: what a repeated stage copies from its representative repeat into its own folder
     REPRESENTATIVE = (MODEL, MODEL_JSON, HISTORY, PREDICTIONS, SPLITS, SELECTION)
+    #: every file name of a stage, repeat or variant folder
+    NAMES = (MODEL, MODEL_JSON, METRICS, PREDICTIONS, SPLITS, HISTORY, SELECTION, VARIANT, CHECKPOINT,
+             REPEATS_JSON, OOF_PREDICTIONS)
 
     model = property(lambda self: self.root / self.MODEL)
     model_json = property(lambda self: self.root / self.MODEL_JSON)
@@ -286,16 +441,34 @@ class RunFiles:
 
     root: Path
 
-    config = property(lambda self: self.root / "config.toml")
-    environment = property(lambda self: self.root / "environment.json")
-    state = property(lambda self: self.root / "state.json")
-    reused = property(lambda self: self.root / "reused.json")
-    report_md = property(lambda self: self.root / "report.md")
-    report_html = property(lambda self: self.root / "report.html")
-    lock = property(lambda self: self.root / ".lock")
+    CONFIG = "config.toml"
+    ENVIRONMENT = "environment.json"
+    STATE = "state.json"
+    REUSED = "reused.json"
+    REPORT_MD = "report.md"
+    REPORT_HTML = "report.html"
+    LOCK = ".lock"
+    #: the file names at the top of a run directory (besides ``environment-resume-*.json``)
+    NAMES = (CONFIG, ENVIRONMENT, STATE, REUSED, REPORT_MD, REPORT_HTML, LOCK)
+
+    config = property(lambda self: self.root / self.CONFIG)
+    environment = property(lambda self: self.root / self.ENVIRONMENT)
+    state = property(lambda self: self.root / self.STATE)
+    reused = property(lambda self: self.root / self.REUSED)
+    report_md = property(lambda self: self.root / self.REPORT_MD)
+    report_html = property(lambda self: self.root / self.REPORT_HTML)
+    lock = property(lambda self: self.root / self.LOCK)
 
     def environment_resumed(self, time_utc: str) -> Path:
         return self.root / f"environment-resume-{time_utc.replace(':', '')}.json"
+
+    @classmethod
+    def is_own_name(cls, name: str) -> bool:
+        """``name`` is, or may become, one of the files at the top of a run directory (case-insensitively),
+        or the temporary file of an atomic write, which a resumed run removes."""
+        folded = name.casefold()
+        return (folded in {n.casefold() for n in cls.NAMES} or _TEMPORARY.fullmatch(name) is not None
+                or (folded.startswith("environment-resume-") and folded.endswith(".json")))
 
     def stage(self, name: str) -> StageFiles:
         return StageFiles(self.root / name)
@@ -304,15 +477,33 @@ class RunFiles:
 # ---------------------------------------------------------------- writing and reading a stage
 
 
+#: what a spreadsheet reads as the start of a formula (CSV injection)
+_FORMULA_START = ("=", "+", "-", "@")
+
+
+def guard_csv_cell(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet will not execute: a ``'`` before a cell that starts with ``=``,
+    ``+``, ``-`` or ``@`` (after any ``'``, so :func:`unguard_csv_cell` restores every text exactly);
+    anything else unchanged."""
+    return "'" + text if text.lstrip("'").startswith(_FORMULA_START) else text
+
+
+def unguard_csv_cell(cell: str) -> str:
+    """The text :func:`guard_csv_cell` made ``cell`` from."""
+    return cell[1:] if cell.startswith("'") and cell.lstrip("'").startswith(_FORMULA_START) else cell
+
+
 def predictions_csv(rows: list[Predictions]) -> str:
-    """``predictions.csv``: id, split, label, group (salted case key or empty), one probability per class."""
+    """``predictions.csv``: id, split, label, group (salted case key or empty), one probability per class.
+    The id and group cells are guarded against CSV injection (:func:`guard_csv_cell`)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     classes = rows[0].classes
     w.writerow(["id", "split", "label", "group"] + [f"p_{c}" for c in classes])
     for p in rows:
         for i in range(len(p)):
-            w.writerow([p.ids[i], p.split, classes[p.labels[i]], p.groups[i] if p.groups is not None else ""]
+            w.writerow([guard_csv_cell(p.ids[i]), p.split, classes[p.labels[i]],
+                        guard_csv_cell(p.groups[i]) if p.groups is not None else ""]
                        + [repr(float(v)) for v in p.probs[i]])
     return buf.getvalue()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
 import os
 import signal
@@ -30,13 +31,16 @@ from torch import nn
 from ..config import InputConfig, TrainConfig
 from ..data import augment
 from ..data.stream import HostImages, is_streamed
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..evaluation.metrics import classification_metrics, is_better, metric_value
 from ..networks.finetune import FineTuning
+from ..networks.network import Network
 from ..running.rundir import write_bytes_atomic
 from . import distributed
 
 CHECKPOINT_VERSION = 1
+
+log = logging.getLogger("mltl")
 
 
 @attrs.frozen(eq=False)
@@ -72,6 +76,56 @@ def _epoch_order(cfg: TrainConfig, n: int, gen: torch.Generator, y_host: torch.T
         w = 1.0 / torch.bincount(y_host).double()[y_host]
         return torch.multinomial(w, n, replacement=True, generator=gen)
     return torch.randperm(n, generator=gen)
+
+
+def _training_batch_norms(net: nn.Module) -> list[str]:
+    """The BatchNorm layers of ``net`` that train (those outside the groups its freeze policy froze; a
+    frozen group's BatchNorm stays in eval mode)."""
+    frozen: set[int] = set()
+    if isinstance(net, Network):
+        for group in net.frozen:
+            for module in net.group_modules(group):
+                frozen.update(id(m) for m in module.modules())
+    return [name for name, m in net.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in frozen]
+
+
+def check_batch_size(net: nn.Module, cfg: TrainConfig, *, key: str = "train", source: str = "") -> None:
+    """Refuse a ``batch_size`` with which ``net`` cannot train: 1 when a BatchNorm layer trains (it needs
+    the statistics of two or more images), and under torchrun fewer than 2 images per process.
+
+    ``key`` names the stage's ``train`` table in the message (e.g. ``stages.target.train``)."""
+    world = distributed.info().world_size
+    if world > 1 and cfg.batch_size < 2 * world:
+        raise ConfigError(f"{cfg.batch_size} gives each of the {world} processes fewer than 2 images per batch, "
+                          f"so no batch would train; set {key}.batch_size to {2 * world} or more",
+                          key=f"{key}.batch_size", source=source)
+    if cfg.batch_size == 1:
+        layers = _training_batch_norms(net)
+        if layers:
+            shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+            raise ConfigError(f"1 image per batch cannot train the network's BatchNorm layers ({shown}), which "
+                              f"need two or more; set {key}.batch_size to 2 or more, or freeze the layer groups "
+                              f"that hold them", key=f"{key}.batch_size", source=source)
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int, slice]]:
+    """The epoch's batches (start, stop, this rank's positions): :func:`distributed.batches`, which leaves
+    out a last batch of one image, except that ``batch_size = 1`` trains on every image (a network whose
+    BatchNorm layers train is refused that by :func:`check_batch_size`)."""
+    if batch_size == 1 and not distributed.active():
+        return [(i, i + 1, slice(i, i + 1)) for i in range(n)]
+    return distributed.batches(n, batch_size)
+
+
+_noted: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """Log ``message`` the first time it comes up in this process (fit runs once per variant and repeat)."""
+    if message not in _noted:
+        _noted.add(message)
+        log.warning(message)
 
 
 def _val_proba(net: nn.Module, val: TensorData, inp: InputConfig, n_classes: int) -> np.ndarray:
@@ -221,13 +275,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, inp: InputConfig, *,
         classes: tuple[str, ...], seed: int,
         on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
-        checkpoint: Path | None = None, checkpoint_seconds: float = 60.0) -> FitResult:
+        checkpoint: Path | None = None, checkpoint_seconds: float = 60.0, key: str = "train",
+        source: str = "") -> FitResult:
     """Train ``net`` in place; return the history and the restored best epoch's validation metrics.
+
+    A ``cfg.batch_size`` the network cannot train with is refused first (:func:`check_batch_size`; ``key``
+    and ``source`` name the stage's ``train`` table and the config file in the message). A last batch of a
+    single image is left out of each epoch, as BatchNorm cannot train on it; a note says so once.
 
     With ``checkpoint``, the full training state (weights, optimizer, scheduler, random generators, best
     epoch so far, history) is saved there at most every ``checkpoint_seconds`` and when a stop is requested;
     if the file exists, training resumes from it and ends exactly as an uninterrupted run would on CPU.
     """
+    check_batch_size(net, cfg, key=key, source=source)
     dev = train.x.device
     cuda = dev.type == "cuda"
     # DDP (torchrun), streamed data, augmentation v2, torch.compile: mltl.training.distributed, mltl.data.stream, mltl.data.augment
@@ -247,6 +307,16 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
     gen = torch.Generator().manual_seed(seed)
     y_host = train.y.cpu()
     n = len(train)
+    batches = _batches(n, cfg.batch_size)  # (start, stop, this rank's positions) of each batch
+    left_out = n - sum(j - i for i, j, _ in batches)
+    if n and not batches:
+        raise ConfigError(f"the training split's {n} image(s) make no batch of at least 2 images per process "
+                          f"({cfg.batch_size} per batch, {ddp.world_size} process(es)), so nothing would train",
+                          key=f"{key}.batch_size", source=source)
+    if left_out:
+        _note_once(f"{source + ': ' if source else ''}{key}.batch_size = {cfg.batch_size}: the {n} training images "
+                   f"leave a last batch of {left_out}, too few to train on (BatchNorm needs 2 or more per process); "
+                   f"each epoch leaves it out (the order is shuffled, so other images each time)")
     history: list[dict[str, Any]] = []
     best_score: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -303,7 +373,6 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
         order_host = _epoch_order(cfg, n, gen, y_host)
         order = order_host.to(dev)
         aug = augment.to_device(augment.draw(aug_spec, n, gen), dev) if aug_spec.active else None
-        batches = distributed.batches(n, cfg.batch_size)  # (start, stop, this rank's positions) of each batch
         feed = train.x.batches([order_host[r].numpy() for _, _, r in batches]) if streamed else None
         loss_sum = torch.zeros((), device=dev)
         seen = 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltl import Domain, UserError, hookimpl
+from mltl import Domain, UserError, cache_dir, hookimpl
 
 from . import phantom
 
@@ -28,8 +28,9 @@ CACHE_VERSION = 1
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MLTL_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mltl")
-    return Path(root) / "ct-phantom"
+    """``<mltl's cache folder>/ct-phantom`` (:func:`mltl.cache_dir`: ``$MLTL_CACHE_DIR``, else the platform's
+    user cache folder)."""
+    return cache_dir() / "ct-phantom"
 
 
 def _generator_hash() -> str:

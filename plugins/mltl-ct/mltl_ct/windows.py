@@ -21,7 +21,12 @@ guide (``../shared/GUIDE.md``, "Standard windows (level / width)"), which are th
 defaults (e.g. the lung window -600/1500 and bone window 400/1800 used by most PACS viewers); soft tissue
 50/350 and brain 40/80 are the usual mediastinal and brain presets. Institutions vary by tens of HU, so any
 window can also be given as ``{ level = 50, width = 350 }`` (or ``[50, 350]``). The ``dicom`` domain also
-accepts ``"dicom"``: the file's own first WindowCenter/WindowWidth.
+accepts ``"dicom"``: the file's own VOI transform (:class:`FileVOI`), as DICOM PS3.3 C.11.2 and pydicom's
+``apply_voi_lut`` define it: the VOI LUT Sequence when the file has one, else WindowCenter/WindowWidth (the
+first value of a multi-valued window) with its VOILUTFunction (LINEAR, the default; LINEAR_EXACT; SIGMOID).
+
+MONOCHROME1 images (higher stored value = darker, common in CR, DX and mammography) are inverted after the
+window (``invert=True``), so that in every image higher is brighter, as viewers show them.
 
 Several windows make several channels: ``windows = ["abdomen", "liver", "bone"]`` gives 3-channel uint8
 images, a common input for ImageNet-shaped backbones (set ``[input] channels = 3``). A domain's images have
@@ -30,6 +35,7 @@ images, a common input for ImageNet-shaped backbones (set ``[input] channels = 3
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +46,8 @@ from mltl import UserError, did_you_mean
 
 from .phantom import apply_window
 
-__all__ = ["PRESETS", "Window", "parse_windows", "apply_windows", "resize_hu", "apply_window"]
+__all__ = ["PRESETS", "Window", "FileVOI", "VOI_FUNCTIONS", "parse_windows", "apply_windows", "resize_hu",
+           "resample_hu", "fit_square", "check_spacing", "apply_window", "to_8bit"]
 
 PRESETS: dict[str, tuple[float, float]] = {
     "abdomen": (40.0, 400.0),
@@ -53,6 +60,72 @@ PRESETS: dict[str, tuple[float, float]] = {
 _ALIASES = {"soft tissue": "soft-tissue", "soft_tissue": "soft-tissue", "softtissue": "soft-tissue",
             "abdominal": "abdomen", "mediastinum": "soft-tissue"}
 FROM_FILE = "dicom"
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+def to_8bit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``low`` .. ``high`` -> 0 .. 255, rounded to the nearest integer, clipped (uint8)."""
+    values = np.asarray(values, dtype=np.float64)
+    if high == low or not (math.isfinite(low) and math.isfinite(high)):
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip(np.rint((values - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+
+
+@attrs.frozen(eq=False)
+class FileVOI:
+    """The VOI transform a DICOM file (or one frame of it) states, applied to modality-LUT output (HU for CT).
+
+    Either a VOI LUT (``lut``: its entries; ``first_mapped``: the input value of entry 0; ``lut_bits``: the
+    LUT Descriptor's bits per entry), or a window (``center``, ``width``, ``function``) whose output runs from
+    ``out_min`` to ``out_max``: the range pydicom's ``apply_windowing`` gives (the stored value range of
+    BitsStored and PixelRepresentation, through the rescale or the modality LUT's bit depth). The result is
+    mapped to 8 bit from that output range: a LUT's ``0 .. 2**lut_bits - 1``, a window's ``out_min ..
+    out_max``, so ``to_8bit(pydicom.pixels.apply_voi_lut(hu, ds), low, high)`` equals :meth:`apply`.
+    """
+
+    center: float | None = None
+    width: float | None = None
+    function: str = "LINEAR"
+    out_min: float = 0.0
+    out_max: float = 255.0
+    lut: np.ndarray | None = None
+    first_mapped: int = 0
+    lut_bits: int = 8
+
+    def output_range(self) -> tuple[float, float]:
+        if self.lut is not None:
+            return 0.0, float(2 ** self.lut_bits - 1)
+        return float(self.out_min), float(self.out_max)
+
+    def values(self, x: np.ndarray) -> np.ndarray:
+        """The VOI output in its own units (what pydicom's ``apply_voi_lut`` returns), float64."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.lut is not None:
+            # input values index the LUT from first_mapped, clamped to its first and last entries; a value
+            # between two entries (after resizing) takes the nearer one
+            index = np.clip(np.rint(x) - self.first_mapped, 0, len(self.lut) - 1).astype(np.int64)
+            return np.asarray(self.lut, dtype=np.float64)[index]
+        low, high = self.output_range()
+        span = high - low
+        center, width = float(self.center), float(self.width)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            if self.function == "SIGMOID":  # PS3.3 C.11.2.1.3.1
+                return span / (1 + np.exp(-4 * (x - center) / width)) + low
+            if self.function == "LINEAR":  # PS3.3 C.11.2.1.2.1: the window's centre and width shifted by half a step
+                center, width = center - 0.5, width - 1
+            out = ((x - center) / width + 0.5) * span + low
+        out[x <= center - width / 2] = low
+        out[x > center + width / 2] = high
+        return out
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Modality-LUT output -> uint8 (higher = brighter for MONOCHROME2)."""
+        return to_8bit(self.values(x), *self.output_range())
+
+    def describe(self) -> str:
+        if self.lut is not None:
+            return f"the file's VOI LUT ({len(self.lut)} entries)"
+        return f"the file's window {self.center:g}/{self.width:g} ({self.function})"
 
 
 @attrs.frozen
@@ -111,19 +184,25 @@ def parse_windows(spec: Any, *, who: str = "windows", allow_file: bool = False) 
     return out
 
 
-def apply_windows(hu: np.ndarray, windows: Sequence[Window], *, file_window: tuple[float, float] | None = None,
+def apply_windows(hu: np.ndarray, windows: Sequence[Window], *,
+                  file_window: FileVOI | tuple[float, float] | None = None, invert: bool = False,
                   who: str = "windows") -> np.ndarray:
-    """HU ``(H, W)`` -> uint8 ``(H, W)`` for one window, ``(3, H, W)`` for three."""
+    """HU ``(H, W)`` -> uint8 ``(H, W)`` for one window, ``(3, H, W)`` for three.
+
+    ``file_window``: what ``"dicom"`` means for this image (a :class:`FileVOI`, or a plain ``(level, width)``
+    applied like a preset). ``invert``: a MONOCHROME1 image, inverted after the window (255 - grey)."""
     planes = []
     for w in windows:
-        if w.level is None:
-            if file_window is None:
-                raise UserError(f'{who}: window "dicom" asked for but the file has no WindowCenter/WindowWidth; '
-                                f"name a preset or give {{ level, width }}")
-            level, width = file_window
+        if w.level is not None:
+            plane = apply_window(hu, w.level, w.width)
+        elif isinstance(file_window, FileVOI):
+            plane = file_window.apply(hu)
+        elif file_window is not None:
+            plane = apply_window(hu, *file_window)
         else:
-            level, width = w.level, w.width
-        planes.append(apply_window(hu, level, width))
+            raise UserError(f'{who}: window "dicom" asked for but the file has no VOI LUT Sequence and no '
+                            f"WindowCenter/WindowWidth; name a preset or give {{ level, width }}")
+        planes.append(255 - plane if invert else plane)
     return planes[0] if len(planes) == 1 else np.stack(planes)
 
 
@@ -137,3 +216,40 @@ def resize_hu(hu: np.ndarray, size: int) -> np.ndarray:
         return hu
     return np.asarray(Image.fromarray(np.ascontiguousarray(hu)).resize((size, size), Image.Resampling.BILINEAR),
                       dtype=np.float32)
+
+
+def resample_hu(hu: np.ndarray, spacing: tuple[float, float], target_mm: float) -> np.ndarray:
+    """A 2D array with pixel ``spacing`` (row, column) in mm resampled to ``target_mm`` square pixels
+    (Pillow bilinear on float32, antialiased when shrinking): ``round(rows * row_mm / target_mm)`` rows,
+    ``round(cols * col_mm / target_mm)`` columns (at least 1 each)."""
+    from PIL import Image
+
+    hu = np.asarray(hu, dtype=np.float32)
+    rows = max(1, int(round(hu.shape[0] * spacing[0] / target_mm)))
+    cols = max(1, int(round(hu.shape[1] * spacing[1] / target_mm)))
+    if (rows, cols) == hu.shape:
+        return hu
+    return np.asarray(Image.fromarray(np.ascontiguousarray(hu)).resize((cols, rows), Image.Resampling.BILINEAR),
+                      dtype=np.float32)
+
+
+def fit_square(hu: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """``hu`` centre-cropped or padded with ``fill`` to ``size`` x ``size`` (no scaling: a pixel keeps its mm)."""
+    out = np.full((size, size), fill, dtype=np.float32)
+    rows, cols = hu.shape
+    r0, c0 = max(0, (rows - size) // 2), max(0, (cols - size) // 2)   # crop offsets in the source
+    R0, C0 = max(0, (size - rows) // 2), max(0, (size - cols) // 2)   # pad offsets in the output
+    h, w = min(rows, size), min(cols, size)
+    out[R0:R0 + h, C0:C0 + w] = hu[r0:r0 + h, c0:c0 + w]
+    return out
+
+
+def check_spacing(spacing_mm: object, who: str) -> float | None:
+    """The ``spacing_mm`` option: None (no resampling) or a pixel size in mm greater than 0."""
+    if spacing_mm is None:
+        return None
+    if isinstance(spacing_mm, bool) or not isinstance(spacing_mm, (int, float)) or not math.isfinite(spacing_mm) \
+            or spacing_mm <= 0:
+        raise UserError(f"{who}: spacing_mm must be a pixel size in mm greater than 0 (e.g. 0.7), or left out "
+                        f"for no resampling; got {spacing_mm!r}")
+    return float(spacing_mm)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mltl import StageFiles, UserError
+from mltl import StageFiles, UserError, unguard_csv_cell
 
 log = logging.getLogger("mltl.roc")
 
@@ -74,7 +74,7 @@ def _test_rows(stage_dir: Path, classes: tuple[str, ...]) -> list[dict[str, Any]
     out = []
     for r in rows:
         p = np.array([float(r[f"p_{c}"]) for c in classes])
-        out.append({"id": r["id"], "label": classes.index(r["label"]), "probs": p, "pred": int(p.argmax())})
+        out.append({"id": unguard_csv_cell(r["id"]), "label": classes.index(r["label"]), "probs": p, "pred": int(p.argmax())})
     return out
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from mltl import (Predictions, StageResult, UserError, bootstrap_auc_ci, macro_auc, scored_classes,
-                  write_bytes_atomic, write_json_atomic)
+from mltl import (Predictions, RunFiles, StageFiles, StageResult, UserError, bootstrap_auc_ci, macro_auc,
+                  scored_classes, write_bytes_atomic, write_json_atomic)
 
 from .roc import plot_roc, roc_curves
 
@@ -169,16 +169,16 @@ def _histories(stage_dir: Path, metrics: dict[str, Any], selection: dict[str, An
                ) -> tuple[dict[str, list], str]:
     """Every trained variant's history (label -> rows) and the selected label. A repeated stage's
     variants are those of its representative repeat (whose model the stage keeps)."""
-    base = stage_dir
+    stage = base = StageFiles(stage_dir)
     proto = metrics.get("protocol") or {}
-    if proto.get("representative") and (stage_dir / "repeats" / proto["representative"]).is_dir():
-        base = stage_dir / "repeats" / proto["representative"]
+    if proto.get("representative") and stage.repeat(proto["representative"]).root.is_dir():
+        base = stage.repeat(proto["representative"])
     histories: dict[str, list] = {}
     if selection:
-        for vdir in sorted((base / "variants").glob("*")):
+        for variant in base.variants():
             try:
-                label = json.loads((vdir / "variant.json").read_text())["candidate"]["variant"]
-                histories[label] = json.loads((vdir / "history.json").read_text())
+                label = json.loads(variant.variant_record.read_text())["candidate"]["variant"]
+                histories[label] = json.loads(variant.history.read_text())
             except (OSError, ValueError, KeyError):
                 continue
         selected = selection.get("selected", "")
@@ -187,7 +187,7 @@ def _histories(stage_dir: Path, metrics: dict[str, Any], selection: dict[str, An
             histories[selected] = histories.pop(selected)
             return histories, selected
     try:
-        return {"": json.loads((stage_dir / "history.json").read_text())}, ""
+        return {"": json.loads(stage.history.read_text())}, ""
     except (OSError, ValueError):
         return {}, ""
 
@@ -253,11 +253,11 @@ class EvaluationReporter:
         }
         if case is None:
             out["case_note"] = "the domain has no patient / study groups: every image is its own case"
-        oof = Path(result.stage_dir) / "oof_predictions.csv"
+        oof = StageFiles(Path(result.stage_dir)).oof_predictions
         if oof.is_file():  # k-fold: every image tested once, by the fold model that never saw it
             pooled = read_predictions(oof, "test", tuple(test.classes))
             p_image, p_case = self._levels(pooled)
-            out["pooled_out_of_fold"] = {"source": "oof_predictions.csv", "image": p_image, "case": p_case}
+            out["pooled_out_of_fold"] = {"source": oof.name, "image": p_image, "case": p_case}
         return out
 
     def stage_finished(self, result: StageResult) -> None:
@@ -278,7 +278,7 @@ class EvaluationReporter:
         if histories:
             plot_training_curves(histories, selected, stage_dir / "training.png",
                                  f"Training curves, stage {result.name}", best_epoch=result.metrics.get("best_epoch"))
-        repeats = stage_dir / "repeats.json"
+        repeats = StageFiles(stage_dir).repeats_json
         if repeats.is_file():
             try:
                 rows = json.loads(repeats.read_text())["rows"]
@@ -338,8 +338,12 @@ class MetricsLogReporter:
     """
 
     def __init__(self, *, file: str = "metrics.jsonl"):
-        if not file or Path(file).name != file:
-            raise UserError(f"file must be a plain file name inside the run directory, got {file!r}")
+        if not file or Path(file).name != file or file in (".", ".."):
+            raise UserError(f"file must be a plain file name inside the run directory (no folder, no ..), "
+                            f"got {file!r}; e.g. metrics.jsonl")
+        if RunFiles.is_own_name(file):
+            raise UserError(f"file {file!r} is one of the run directory's own files, which the log would "
+                            f"overwrite; choose another name, e.g. metrics.jsonl")
         self.file = file
         self.path: Path | None = None
 

@@ -10,7 +10,7 @@ import pytest
 from mltl import ConfigError, FreezePolicy, get_registry
 from mltl.networks.network import HeadSpec, build_network, make_spec
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "samala_baseline.toml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "samala_baseline.toml"
 
 
 def test_alexnet_groups_and_samala_freeze_policies():
