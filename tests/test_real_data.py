@@ -31,6 +31,7 @@ def test_image_folder_errors_name_the_file(tmp_path):
         get_registry().create("domain", "image-folder", {"root": str(tmp_path), "classes": ["a", "c"]})
 
 
+@pytest.mark.slow
 def test_chain_onto_a_real_folder_target(shared_data, tmp_path, tiny_config):
     cfg = mltl.load_config(tiny_config(), [
         "stages.source.backbone=gfe-1", "stages.intermediate.freeze=C1",

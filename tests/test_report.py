@@ -485,6 +485,7 @@ def test_reporter_options_are_checked():
         MetricsLogReporter(file="../x.jsonl")
 
 
+@pytest.mark.slow
 def test_reporter_options_in_the_config_reach_the_reporters_and_mltl_report(tmp_path, capsys):
     from tests.conftest import TINY
 

@@ -77,6 +77,7 @@ def _run(tmp_path, name, budget, monkeypatch):
     return result.run_dir, seen
 
 
+@pytest.mark.slow
 def test_streamed_run_equals_resident_run(memmap_plugin, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="mltl.data.stream")
     resident, seen_r = _run(tmp_path, "resident", "", monkeypatch)

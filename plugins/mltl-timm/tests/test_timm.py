@@ -54,6 +54,7 @@ train = {{ epochs = 2, batch_size = 8, optimizer = "sgd", lr = 0.01, lr_decay = 
 """
 
 
+@pytest.mark.slow
 def test_resnet18_trains_in_a_chain_and_frozen_stages_stay_bit_identical(tmp_path):
     import mltl
     from mltl.running.rundir import load_weights
