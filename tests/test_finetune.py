@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import mltl
 from mltl import ConfigError, FreezePolicy, get_registry
 from mltl.training import train as train_mod
 from mltl.builtins import fractal_domain
@@ -253,3 +254,35 @@ train = { group_lr = { C9 = 0.1 } }
     with pytest.raises(ConfigError, match=r"stages\[0\]\.train\.probe_epochs: the freeze policy froze the whole head"):
         validate(load_config(path, ["stages.s.train.group_lr={}", "stages.s.train.probe_epochs=2",
                                     "stages.s.freeze=classifier"]))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda s: s.pop("optimizer"), "KeyError"),
+    (lambda s: s["model"].update({k: torch.zeros(3) for k in list(s["model"])[:1]}), "RuntimeError"),
+    (lambda s: s.update(epoch=-1), "epoch -1"),
+    (lambda s: s.update(epoch=999), "epoch 999"),
+])
+def test_a_checkpoint_missing_a_key_or_with_a_wrong_shape_or_epoch_is_one_line(data, tmp_path, damage, words):
+    """A checkpoint that loads (no pickle trouble) but does not fit the stage: one line naming it, never a
+    traceback and never a silently wrong resume."""
+    train, classes = data
+    cfg = TrainConfig(val_every=100, epochs=4, batch_size=12, optimizer="sgd", lr=0.02)
+    ckpt = tmp_path / "checkpoint.pt"
+    _, net = _chain_pair(classes)
+
+    def stop_after_two(epoch, row):
+        train_mod.stop_requested = epoch == 2
+
+    try:
+        with pytest.raises(train_mod.Interrupted):
+            fit(net, train, train, cfg, INP, classes=classes, seed=6, on_epoch=stop_after_two, checkpoint=ckpt,
+                checkpoint_seconds=1e9)
+    finally:
+        train_mod.stop_requested = False
+    state = torch.load(ckpt, weights_only=True)
+    damage(state)
+    torch.save(state, ckpt)
+    _, fresh = _chain_pair(classes)
+    with pytest.raises(mltl.UserError, match="damaged training checkpoint") as info:
+        fit(fresh, train, train, cfg, INP, classes=classes, seed=6, checkpoint=ckpt)
+    assert words in str(info.value) and "\n" not in str(info.value) and "delete it" in str(info.value)

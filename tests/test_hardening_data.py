@@ -439,3 +439,18 @@ def test_the_ct_plugin_uses_the_cores_limits():
     assert mltl_ct.dicom.check_image_pixels is mltl.check_image_pixels
     assert mltl_ct.nifti.check_decoded_bytes is mltl.check_decoded_bytes
 
+
+
+def test_the_fractal_domain_refuses_counts_it_cannot_make(tmp_path):
+    """A huge class or image count is one line at once (it hung `mltl validate`, or ran out of memory)."""
+    import time
+
+    from mltl.builtins import fractal_domain
+
+    for options, words in (({"classes": 100_000}, "classes must be at most 1000"),
+                           ({"images_per_class": 2**32}, "over the limit"),
+                           ({"size": 100_000}, "size must be from 8 to 4096")):
+        start = time.perf_counter()
+        with pytest.raises(mltl.UserError, match=words) as info:
+            fractal_domain(**options, image_size=32)
+        assert time.perf_counter() - start < 5 and "\n" not in str(info.value)

@@ -299,3 +299,35 @@ def test_predict_csv_guards_formulas_in_paths():
     cells = [line.split(",")[0] for line in text.splitlines()[1:]]
     assert cells == ["'=cmd|' /C calc'!A0", "'+1", "'-x", "'@SUM(1)", "ok.png"]
     assert rundir.unguard_csv_cell("'+1") == "+1"
+
+
+def test_a_run_directory_inside_the_image_folder_is_refused(tmp_path, capsys):
+    """The run's PNGs would become training images of the next run: refused before anything is written."""
+    import numpy as np
+    from PIL import Image
+
+    from mltl import cli
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[run]
+name = "inside"
+[input]
+size = 32
+[[stages]]
+name = "only"
+domain = {{ plugin = "image-folder", root = "{tmp_path / 'data'}" }}
+backbone = "gfe-1"
+split = {{ protocol = "holdout", val = 0.34, test = 0.34 }}
+train = {{ epochs = 1, batch_size = 4 }}
+""")
+    out = tmp_path / "data" / "runs" / "x"
+    assert cli.main(["run", str(cfg), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is inside" in err and "stages[0].domain.root" in err and len(err.splitlines()) == 1
+    assert not out.exists()

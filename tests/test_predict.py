@@ -73,3 +73,20 @@ def test_predict_cli_on_a_folder_writes_csv(folder_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mltl", "predict", str(result.run_dir), str(tmp_path / "nope.png")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "nope.png: no such file or folder" in bad.stderr
+
+
+@pytest.mark.parametrize("content", ["[]", "not json", '{"input": {"size": 56, "channels": 1}, "domain": "x"}',
+                                     '{"input": {"size": 56, "channels": 1}, "domain": {"plugin": 5, "options": 3}}',
+                                     '{"input": {"size": "big"}}'])
+def test_a_tampered_model_json_is_one_line(folder_run, tmp_path, capsys, content):
+    import shutil
+
+    from mltl import cli
+
+    result, data = folder_run
+    stage = tmp_path / "target"
+    shutil.copytree(result.run_dir / "target", stage)
+    (stage / "model.json").write_text(content)
+    assert cli.main(["predict", str(stage), str(data / "cyst"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.json: damaged" in err and len(err.splitlines()) == 1

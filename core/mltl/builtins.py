@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import fractal as _fractal
+from .data.limits import check_decoded_bytes
 from .data.domain import Domain
 
 # image decoding (formats, bit depths, transparency, bad files) lives in images.py; re-exported here
@@ -28,6 +29,14 @@ def fractal_domain(classes: int = 5, images_per_class: int = 200, seed: int = 0,
             raise UserError(f"fractal: {name} must be at least {low}, got {value}")
     if channels not in (1, 3):
         raise UserError(f"fractal: channels must be 1 or 3, got {channels}")
+    if classes > 1000:
+        raise UserError(f"fractal: classes must be at most 1000, got {classes}")
+    side = size or image_size
+    if size is not None and not 8 <= size <= 4096:
+        raise UserError(f"fractal: size must be from 8 to 4096 pixels, got {size}")
+    # the images are generated in memory: the same budget as a decoded file (MLTL_MAX_DECODED_BYTES)
+    check_decoded_bytes(classes * images_per_class * side * side * channels, "fractal: ",
+                        f"{classes} classes x {images_per_class} images of {side}x{side}x{channels}")
     images, labels = _fractal.generate(classes, images_per_class, size=size or image_size, seed=seed,
                                        channels=channels)
     names = tuple(f"fractal-{k}" for k in range(classes))

@@ -131,11 +131,14 @@ def load_stage(path: str | Path) -> TrainedStage:
     try:
         info = json.loads(files.model_json.read_text())
         inp = InputConfig(**info["input"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{files.model_json}: damaged ({exc})") from None
+        domain = info.get("domain", {})
+        options = domain.get("options", {})
+        if not isinstance(options, dict) or not isinstance(domain.get("plugin", ""), (str, type(None))):
+            raise TypeError("its domain table holds no plugin name and options")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{files.model_json}: damaged ({exc}); restore it from a copy of the run, or re-run "
+                        f"the stage") from None
     net = load_network(files.model, get_registry())
-    domain = info.get("domain", {})
-    options = domain.get("options", {})
     read, suffixes = _domain_reader(domain.get("plugin"), options, inp.size, path.name)
     if read is None and domain.get("plugin") not in (None, "image-folder"):
         log.info("stage %s was trained on domain %r, which has no file reader; new image files are decoded as "

@@ -35,7 +35,7 @@ from ..plugins import Hooks, Registry, get_registry
 from ..training import distributed
 from ..training.train import Interrupted, StopOnSignal, TensorData, checkpoint_seconds, fit, predict_proba
 from .plan import StagePlan, domain_key
-from .preflight import ChainPlan, prepare, resolve_device
+from .preflight import ChainPlan, check_not_inside_data, prepare, resolve_device
 from .protocols import Repeat, summarise_repeats
 from .resume import check_reuse_dirs, find_earlier, resume_dir
 from .rundir import (Damaged, RunFiles, RunLock, StageFiles, choose_run_dir, copy_stage, environment, finished_repeat,
@@ -334,6 +334,7 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
     # under torchrun only rank 0 reports, chooses and locks the run directory; the others get its path
     reporters = [ConsoleReporter()] + make_reporters(config, registry) if distributed.is_writer() else []
     out = str(out) if out is not None else config.run.out
+    check_not_inside_data(config, Path(out) if out is not None else Path("runs") / config.run.name)
     with contextlib.ExitStack() as stack:
         def claim() -> Path:
             path = resume_dir(config, out) if resume else choose_run_dir(out, config.run.name)

@@ -9,6 +9,7 @@ the data cannot make in the last stage fails in seconds, not after hours of trai
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import attrs
 import torch
@@ -187,3 +188,19 @@ def prepare(config: Config, registry: Registry | None = None) -> ChainPlan:
             variant_plan = plan_stage(config, i, domain, cfg)
             variant_plan.split(domain, cfg, variant_plan.repeats[0])
     return ChainPlan(config=config, domains=domains, stages=tuple(plans))
+
+
+def check_not_inside_data(config: Config, run_dir: Path) -> None:
+    """Refuse a run directory inside a folder a domain reads (its figures would become training images of
+    the next run, and a data check would report them as leakage)."""
+    where = run_dir.expanduser().resolve()
+    for i, stage in enumerate(config.stages):
+        for _, cfg in stage.variants:
+            for option, value in cfg.domain.options.items():
+                if not isinstance(value, str) or not value or not Path(value).expanduser().is_dir():
+                    continue
+                folder = Path(value).expanduser().resolve()
+                if where == folder or folder in where.parents:
+                    raise UserError(f"{config.source}: the run directory {run_dir} is inside {folder}, which "
+                                    f"{stage_key(i)}.domain.{option} reads: the run's files would become its "
+                                    f"data; put the run elsewhere (--out, or run from another folder)")

@@ -327,18 +327,27 @@ def fit(net: nn.Module, train: TensorData, val: TensorData, cfg: TrainConfig, in
         torch.manual_seed(seed + 1_000_003 * ddp.rank)
     if checkpoint is not None and distributed.broadcast_object(checkpoint.exists()):
         state = load_checkpoint(checkpoint)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if ddp.active and len(state.get("torch_rng_ranks", ())) == ddp.world_size:
-            torch.set_rng_state(state["torch_rng_ranks"][ddp.rank])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        history = list(state["history"])
-        best_score, best_state, best_epoch = state["best_score"], state["best_state"], state["best_epoch"]
-        best_val, stale, first_epoch = state["best_val"], state["stale"], state["epoch"]
+        try:  # a checkpoint missing a key, with a wrong tensor shape or an impossible epoch is damaged
+            epoch_ok = isinstance(state["epoch"], int) and 0 <= state["epoch"] <= cfg.epochs
+            if not epoch_ok or len(state["history"]) != state["epoch"]:
+                raise ValueError(f"epoch {state['epoch']!r} with {len(state['history'])} history rows, "
+                                 f"for a stage of {cfg.epochs} epochs")
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if ddp.active and len(state.get("torch_rng_ranks", ())) == ddp.world_size:
+                torch.set_rng_state(state["torch_rng_ranks"][ddp.rank])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            history = list(state["history"])
+            best_score, best_state, best_epoch = state["best_score"], state["best_state"], state["best_epoch"]
+            best_val, stale, first_epoch = state["best_val"], state["stale"], state["epoch"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{checkpoint}: damaged training checkpoint ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]}); delete it to restart this stage from its first "
+                            f"epoch") from None
         if best_state is not None:
             best_state = {k: v.to(dev) for k, v in best_state.items()}
     start = time.perf_counter()
