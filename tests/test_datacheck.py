@@ -41,12 +41,12 @@ def test_kidney_copy_reports_counts_and_near_duplicate_groups(shared_data, tmp_p
     assert dom["near_duplicate_groups"] >= 4 and dom["images_in_duplicate_groups"] >= 40
     assert all(len(g["classes"]) == 1 for g in dom["duplicate_groups"])  # no group mixes two classes
     assert dom["sizes"] == [{"size": "256x256", "mode": "L", "count": 160}]
-    # neighbouring slices split at random straddle train and test: exit 1, named as leakage
-    assert rc == 1 and [p["kind"] for p in rep["problems"]] == ["leak-splits"]
+    # neighbouring slices split at random straddle train and test: exit 3 (problems found), named as leakage
+    assert rc == 3 and [p["kind"] for p in rep["problems"]] == ["leak-splits"]
     # split by duplicate groups, nothing straddles; but 40 slices of a class are only 2 or 3 scans here,
     # too few groups for three splits, and that is said too
     rc, rep = check_json(capsys, root, "--group-near-duplicates")
-    assert rc == 1 and {p["kind"] for p in rep["problems"]} == {"split"}
+    assert rc == 3 and {p["kind"] for p in rep["problems"]} == {"split"}
     assert "image group(s)" in rep["problems"][0]["message"] or "no training images" in rep["problems"][0]["message"]
 
 
@@ -69,7 +69,7 @@ def test_corrupt_zero_byte_and_cross_class_duplicate_are_all_named(shared_data, 
     (root / "Stone" / "empty.jpg").write_bytes(b"")
     shutil.copy(good, root / "Tumor" / "copy_of_normal.jpg")
     rc, rep = check_json(capsys, root, "--group-near-duplicates")
-    assert rc == 1
+    assert rc == 3
     unreadable = {p["file"]: p["message"] for p in rep["problems"] if p["kind"] == "unreadable"}
     assert set(unreadable) == {"Cyst/cut.jpg", "Stone/empty.jpg"}
     assert "truncated" in unreadable["Cyst/cut.jpg"] and "empty (0 bytes)" in unreadable["Stone/empty.jpg"]
@@ -77,7 +77,7 @@ def test_corrupt_zero_byte_and_cross_class_duplicate_are_all_named(shared_data, 
     assert conflicts and all(f"Normal/{good.name}" in m and "Tumor/copy_of_normal.jpg" in m for m in conflicts)
     assert {e["kind"] for e in rep["exact_duplicates"]} == {"bytes", "pixels"}
     # the table names them too
-    assert cli.main(["data", "check", str(root)]) == 1
+    assert cli.main(["data", "check", str(root)]) == 3
     out = capsys.readouterr().out
     for name in ("cut.jpg", "empty.jpg", "copy_of_normal.jpg"):
         assert name in out
@@ -92,7 +92,7 @@ def test_tiny_classes_and_odd_sizes(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     Image.fromarray(rng.integers(0, 255, (90, 50, 3), dtype=np.uint8)).save(tmp_path / "a" / "big.png")
     rc, rep = check_json(capsys, tmp_path)
-    assert rc == 1
+    assert rc == 3
     small = [p["message"] for p in rep["problems"] if p["kind"] == "small-class"]
     assert any('"b" has 1 readable' in m for m in small) and any('"c" has 0 readable' in m for m in small)
     odd = {w["kind"]: w["message"] for w in rep["warnings"]}
@@ -204,7 +204,7 @@ def test_leakage_across_stages_stops_run(leaky, tmp_path):
     assert "allow_leakage" in err and "group_near_duplicates" in err
     assert not out.exists()  # stopped before the run directory was made
     rc = cli.main(["data", "check", str(cfg)])
-    assert rc == 1
+    assert rc == 3
 
 
 @pytest.mark.slow

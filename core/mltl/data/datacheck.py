@@ -18,7 +18,7 @@ What is checked (docs/data-check.md has the user's view):
 in test), or one whose images an earlier stage trained or selected on (train/val; every image under
 k-fold) and a later stage evaluates (val/test; every image under k-fold). Leakage, corrupt files, a class
 with fewer than 2 images and an exact duplicate filed under two classes are *problems* (``mltl data
-check`` exits 1); the rest are warnings.
+check`` exits 3); the rest are warnings.
 
 The near-duplicate rule, and why (measured on ``../shared/data/ct_kidney``, 1,914 real CT slices without
 patient ids, and on the CT phantom the demos generate):
