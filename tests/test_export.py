@@ -143,11 +143,13 @@ def test_predict_cli_on_the_demo_test_images_reproduces_predictions_csv(demo, tm
 
 def test_predict_reads_files_with_the_domain_plugins_own_reader(fresh_plugins, tmp_path):
     """A domain whose factory has `read_file` (e.g. DICOM with its window): predict reads new files with it."""
+    scans = tmp_path / "scans"  # the run directory must not be inside the folder a domain reads
+    scans.mkdir()
     rng = np.random.default_rng(0)
     raw = {f"case{i}": rng.integers(0, 1000, (24, 24)).astype(np.int16) for i in range(24)}
     raw = {k: v + (600 if i % 2 else 0) for i, (k, v) in enumerate(raw.items())}
     for k, v in raw.items():
-        np.save(tmp_path / f"{k}.npy", v)
+        np.save(scans / f"{k}.npy", v)
 
     def window(a: np.ndarray, level: float) -> np.ndarray:  # a stand-in for a CT window, in the reader
         return np.clip((a - level + 800) / 1600 * 255, 0, 255).astype(np.uint8)
@@ -178,7 +180,7 @@ reporters = []
 size = 24
 [[stages]]
 name = "only"
-domain = {{ plugin = "npy-scans", root = "{tmp_path.as_posix()}", level = 200.0 }}
+domain = {{ plugin = "npy-scans", root = "{scans.as_posix()}", level = 200.0 }}
 backbone = "gfe-1"
 split = {{ val = 0.25, test = 0.25, protocol = "holdout" }}
 train = {{ epochs = 1, batch_size = 8 }}
@@ -186,8 +188,8 @@ train = {{ epochs = 1, batch_size = 8 }}
     result = mltl.run(tmp_path / "c.toml", out=tmp_path / "run", device="cpu")
     stage = load_stage(result.run_dir / "only")
     assert stage.suffixes == {".npy"}
-    got = dict(mltl.predict(stage, [tmp_path]))  # the folder: searched for .npy files only
+    got = dict(mltl.predict(stage, [scans]))  # the folder: searched for .npy files only
     assert len(got) == 24
     test = result.stage("only").test
     for image_id, probs in zip(test.ids, test.probs):
-        np.testing.assert_allclose(got[tmp_path / image_id], probs, atol=1e-6)
+        np.testing.assert_allclose(got[scans / image_id], probs, atol=1e-6)

@@ -73,7 +73,8 @@ def _run(tmp_path, name, budget, monkeypatch):
     monkeypatch.setattr(chain, "load_images", spy)
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(CONFIG.format(budget=budget, folder=tmp_path))
-    result = mltl.run(cfg, out=tmp_path / name, device="cpu")
+    # beside the domain's folder, not inside it (mltl refuses a run directory inside a folder a domain reads)
+    result = mltl.run(cfg, out=tmp_path.parent / f"{tmp_path.name}-{name}", device="cpu")
     return result.run_dir, seen
 
 

@@ -130,6 +130,8 @@ def mltl_comparison_figures(chains, out_dir):
 
     ``chains``: one :class:`mltl.running.compare.ChainScores` per compared chain, in table order: its name, the
     target predictions it is judged on (the same images for every chain) and the 95% CI of their macro
-    AUC printed in ``comparison.md``. The figures follow the table in ``comparison.md`` and
-    ``comparison.html``.
+    AUC printed in ``comparison.md``; for a target repeated over training fractions, also ``fractions``:
+    one :class:`mltl.running.compare.FractionScores` per fraction (ascending: the fraction, the mean number of
+    training images, every draw's test macro AUC in draw order; draw k trained on the same images in every
+    chain), empty otherwise. The figures follow the tables in ``comparison.md`` and ``comparison.html``.
     """

@@ -152,14 +152,16 @@ from mltl import get_registry
 
 @pytest.fixture
 def folder(tmp_path):
-    """Two classes of 16 x 16 grey images: dark squares and bright squares, 8 of each."""
+    """Two classes of 16 x 16 grey images: dark squares and bright squares, 8 of each (in their own folder:
+    a run directory may not be inside the folder a domain reads)."""
     rng = np.random.default_rng(0)
+    root = tmp_path / "images"
     for label, (cls, level) in enumerate((("dark", 60), ("bright", 190))):
-        (tmp_path / cls).mkdir()
+        (root / cls).mkdir(parents=True)
         for i in range(8):
             pixels = np.clip(rng.normal(level, 20, (16, 16)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / cls / f"{{i}}.png")
-    return tmp_path
+            Image.fromarray(pixels).save(root / cls / f"{{i}}.png")
+    return root
 
 
 def test_the_installed_plugin_registers_the_domain():

@@ -30,7 +30,7 @@ from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_auc_score
 
 __all__ = ["check_scores", "scored_classes", "macro_auc", "stratified_resamples", "bootstrap_macro_aucs",
-           "bootstrap_auc_ci", "paired_bootstrap", "delong_test"]
+           "bootstrap_auc_ci", "paired_bootstrap", "paired_bootstrap_over_draws", "delong_test"]
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -213,6 +213,51 @@ def paired_bootstrap(labels: Any, probs_a: Any, probs_b: Any | None = None, *, c
         p = math.nan if np.isnan(d).any() else float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
         out.update({"diff_ci_low": d_lo, "diff_ci_high": d_hi, "p": p})
     return out
+
+
+def paired_bootstrap_over_draws(labels: Any, probs_a: Sequence[Any], probs_b: Sequence[Any], *,
+                                n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """The mean over draws of model a's macro AUC minus model b's, when draw ``k`` of a and draw ``k`` of b were
+    trained on the same images and every draw is tested on the same images (``labels``): its percentile CI and
+    a two-sided p-value, resampling both the draws and the test images.
+
+    ``probs_a[k]`` and ``probs_b[k]`` are the ``(N, C)`` test probabilities of draw ``k`` (rows in the order of
+    ``labels``). Each resample ``b`` takes row ``b`` of :func:`stratified_resamples` ``(labels, n_resamples,
+    seed)`` for the test images (the same image resample for every draw and for both models, and for any
+    other pair scored with the same labels, ``n_resamples`` and ``seed``) and ``D`` draw indices with
+    replacement from ``np.random.default_rng([seed, 1])``; its value is the mean, over the drawn draws, of the
+    paired difference of macro AUCs on the resampled images. With one draw only the images are resampled.
+    The p-value is twice the smaller share of resampled values on either side of 0 (as
+    :func:`paired_bootstrap`). Returns ``diff`` (the observed mean difference), ``diffs`` (per draw),
+    ``diff_ci_low``, ``diff_ci_high``, ``p``, ``n_draws``, ``n_resamples`` and ``seed``; NaN where an AUC is
+    undefined (fewer than two classes in ``labels``).
+    """
+    _check_level(level)
+    if len(probs_a) != len(probs_b) or not len(probs_a):
+        raise ValueError(f"need the same positive number of draws for both models, got {len(probs_a)} "
+                         f"and {len(probs_b)}")
+    labels, _ = check_scores(labels, probs_a[0])
+    a = [check_scores(labels, p)[1] for p in probs_a]
+    b = [check_scores(labels, p)[1] for p in probs_b]
+    if any(x.shape != a[0].shape for x in a + b):
+        raise ValueError("every draw's probabilities need the same shape")
+    n_resamples = _positive_int(n_resamples)
+    images = stratified_resamples(labels, n_resamples, seed)
+    # (D, B): each draw's paired AUC difference on each image resample
+    resampled = np.stack([_resampled_macro_aucs(labels, pa, images) - _resampled_macro_aucs(labels, pb, images)
+                          for pa, pb in zip(a, b)])
+    diffs = np.array([macro_auc(labels, pa) - macro_auc(labels, pb) for pa, pb in zip(a, b)])
+    n_draws = len(a)
+    if n_draws > 1:
+        picks = np.random.default_rng([seed, 1]).integers(0, n_draws, size=(n_resamples, n_draws))
+        values = resampled[picks, np.arange(n_resamples)[:, None]].mean(axis=1)
+    else:
+        values = resampled[0]
+    lo, hi = _interval(values, level)
+    p = math.nan if np.isnan(values).any() else float(min(1.0, 2 * min((values <= 0).mean(),
+                                                                        (values >= 0).mean())))
+    return {"diff": float(diffs.mean()), "diffs": [float(d) for d in diffs], "diff_ci_low": lo,
+            "diff_ci_high": hi, "p": p, "n_draws": n_draws, "n_resamples": n_resamples, "seed": seed}
 
 
 # --------------------------------------------------------------------------------------------- DeLong

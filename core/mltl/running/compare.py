@@ -397,7 +397,8 @@ def _fraction_sentence(item: Mapping[str, Any], reference: str) -> str:
         else:
             parts.append(f"{e['chain']} differs from {reference} by {d['mean']:+.3f} AUC ({ci}): no difference "
                          f"is detected (the CI includes 0)")
-    where = f"At training fraction {_fraction_label(item)}, over {item['n_draws']} draw(s): "
+    n = item["n_draws"]
+    where = f"At training fraction {_fraction_label(item)}, over {n} draw{'s' if n != 1 else ''}: "
     caveat = "" if item["same_training_images"] else (
         " Warning: the chains' draws did not all train on the same images (see each draw's splits.csv), so "
         "these differences are not fully paired.")

@@ -15,11 +15,12 @@ from typing import Any, Literal
 
 import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, brier_score_loss, confusion_matrix,
-                             multilabel_confusion_matrix, roc_auc_score)
+                             multilabel_confusion_matrix, roc_auc_score, roc_curve)
 
 from mltl import bootstrap_auc_ci, check_scores, macro_auc
 
-__all__ = ["image_metrics", "case_level", "calibration", "CASE_AGGREGATES", "N_BINS"]
+__all__ = ["image_metrics", "case_level", "calibration", "operating_points", "parse_operating_point",
+           "CASE_AGGREGATES", "N_BINS"]
 
 CASE_AGGREGATES = ("mean", "max")
 N_BINS = 10
@@ -191,3 +192,86 @@ def calibration(labels: Any, probs: Any, classes: Sequence[str], *, n_bins: int 
                                                                     " (multi-class: summed over classes)"),
         "bins": bins,
     }
+
+
+def parse_operating_point(rule: str) -> tuple[str, float | None]:
+    """``"youden"`` -> ``("youden", None)``; ``"sensitivity:0.9"`` -> ``("sensitivity", 0.9)``. Raises
+    ``ValueError`` for anything else (a target sensitivity must lie in (0, 1])."""
+    text = str(rule).strip().lower()
+    if text == "youden":
+        return "youden", None
+    if text.startswith("sensitivity:"):
+        try:
+            target = float(text.split(":", 1)[1])
+        except ValueError:
+            target = math.nan
+        if 0.0 < target <= 1.0:
+            return "sensitivity", target
+    raise ValueError(f'operating_point must be "youden" or "sensitivity:X" with X in (0, 1], e.g. '
+                     f'"sensitivity:0.9"; got {rule!r}')
+
+
+def _at(positive: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Sensitivity, specificity and balanced accuracy of "positive when score >= threshold"."""
+    called = score >= threshold
+    tp, fn = int((called & positive).sum()), int((~called & positive).sum())
+    tn, fp = int((~called & ~positive).sum()), int((called & ~positive).sum())
+    sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    return {"sensitivity": sens, "specificity": spec, "balanced_accuracy": (sens + spec) / 2.0,
+            "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+
+
+def operating_points(val_labels: Any, val_probs: Any, test_labels: Any, test_probs: Any, classes: Sequence[str],
+                     rule: str = "youden") -> dict[str, Any]:
+    """Sensitivity, specificity and balanced accuracy on the test split at a threshold chosen on the
+    **validation** split; the test split never chooses it.
+
+    Binary (two columns): one operating point, for the second class scored by column 1. More classes: one
+    per class, one-vs-rest on its column. An image is called positive when its score is ``>= threshold``.
+    The candidate thresholds are the validation scores (:func:`sklearn.metrics.roc_curve` on the validation
+    split, ``drop_intermediate=False``); ``rule`` (:func:`parse_operating_point`):
+
+    * ``"youden"``: the threshold maximising Youden's J = sensitivity + specificity - 1 on validation (the
+      highest such threshold on ties);
+    * ``"sensitivity:X"``: the highest threshold whose validation sensitivity is at least X (so the most
+      specific one that reaches it).
+
+    A class with no positive or no negative validation image gets no threshold (``skipped`` says why).
+    """
+    kind, target = parse_operating_point(rule)
+    val_labels, val_probs = check_scores(val_labels, val_probs)
+    test_labels, test_probs = check_scores(test_labels, test_probs)
+    k = val_probs.shape[1]
+    if test_probs.shape[1] != k or len(classes) != k:
+        raise ValueError(f"got {len(classes)} class names, {k} validation and {test_probs.shape[1]} test columns")
+    how = ("Youden's J (sensitivity + specificity - 1) maximised on the validation split" if kind == "youden"
+           else f"the highest threshold reaching sensitivity >= {target:g} on the validation split")
+    out: dict[str, Any] = {
+        "rule": "youden" if kind == "youden" else f"sensitivity:{target:g}", "chosen_on": "val",
+        "how": how + "; positive when the class's probability is >= the threshold",
+        "n_val": int(val_labels.size), "n_test": int(test_labels.size),
+        "scheme": "binary: the second class" if k == 2 else "one-vs-rest per class", "classes": {},
+    }
+    for c in ([1] if k == 2 else range(k)):
+        name = str(classes[c])
+        pos = val_labels == c
+        if pos.all() or not pos.any():
+            out["classes"][name] = {"skipped": "the validation split has no " +
+                                    ("negative" if pos.all() else "positive") + " image for this class"}
+            continue
+        fpr, tpr, thresholds = roc_curve(pos, val_probs[:, c], drop_intermediate=False)
+        finite = np.isfinite(thresholds)  # sklearn's first threshold (inf / max + 1) calls nothing positive
+        finite &= thresholds <= val_probs[:, c].max()
+        fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+        if kind == "youden":
+            i = int(np.argmax(tpr - fpr))
+        else:
+            i = int(np.flatnonzero(tpr >= target - 1e-12)[0])
+        threshold = float(thresholds[i])
+        out["classes"][name] = {
+            "threshold": threshold,
+            "val": _at(pos, val_probs[:, c], threshold),
+            "test": _at(test_labels == c, test_probs[:, c], threshold),
+        }
+        out["classes"][name]["val"]["youden_j"] = float(tpr[i] - fpr[i])
+    return out

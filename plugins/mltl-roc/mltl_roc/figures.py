@@ -16,7 +16,8 @@ import numpy as np
 
 from mltl import write_bytes_atomic
 
-__all__ = ["plot_training_curves", "plot_reliability", "plot_learning_curve", "summarise_repeats"]
+__all__ = ["plot_training_curves", "plot_reliability", "plot_learning_curve", "plot_chain_learning_curves",
+           "summarise_repeats"]
 
 
 def _new_figure(width: float, height: float):
@@ -211,4 +212,60 @@ def plot_learning_curve(repeats_rows: Sequence[Mapping[str, Any]], path: Path,
     ax.set_axisbelow(True)
     ax.legend(loc="lower right", fontsize=8.5, framealpha=0.92)
     ax.set_title(f"{title} ({'/'.join(map(str, n_draws))} draws per fraction)", fontsize=11)
+    _save(fig, path)
+
+
+def plot_chain_learning_curves(chains: Sequence[tuple[str, Sequence[tuple[float, Sequence[float]]]]], path: Path,
+                               title: str = "Target test AUC against training fraction, by chain") -> None:
+    """Every chain's learning curve on one plot: mean test AUC per training fraction with a +/- 1 SD band
+    over the draws, and every draw as a point (nudged sideways per chain so that chains do not hide each
+    other). ``chains``: ``(name, [(fraction, [AUC of each draw, ...]), ...])`` in legend order; undefined
+    AUCs (NaN / None) are left out."""
+    if not chains:
+        raise ValueError("no chain to draw")
+    fig = _new_figure(7.6, 5.2)
+    ax = fig.add_subplot()
+    all_fracs = sorted({float(f) for _, curve in chains for f, _ in curve})
+    if not all_fracs:
+        raise ValueError("a learning curve needs at least one training fraction")
+    log_x = max(all_fracs) / max(min(all_fracs), 1e-9) > 20
+    lows = [0.45]
+    n_draws = set()
+    for i, (name, curve) in enumerate(chains):
+        colour = f"C{i % 10}"
+        offset = (i - (len(chains) - 1) / 2) * 0.035
+        xs, means, sds = [], [], []
+        for fraction, values in sorted(curve, key=lambda c: c[0]):
+            finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+            n_draws.add(len(values))
+            x = float(fraction) * 100.0
+            x_pts = x * (1.0 + offset) if log_x else x + offset * 100.0 * (all_fracs[-1] - all_fracs[0] or 1.0) / 4
+            ax.scatter([x_pts] * len(finite), finite, s=16, color=colour, alpha=0.55, zorder=3,
+                       edgecolors="none")
+            if finite:
+                xs.append(x)
+                means.append(float(np.mean(finite)))
+                sds.append(_sd(finite))
+                lows.append(min(finite))
+        xs_a, mean_a = np.asarray(xs), np.asarray(means)
+        sd_a = np.nan_to_num(np.asarray(sds, dtype=np.float64), nan=0.0)
+        ax.fill_between(xs_a, mean_a - sd_a, mean_a + sd_a, color=colour, alpha=0.15, linewidth=0)
+        ax.plot(xs_a, mean_a, color=colour, linewidth=2.0, marker="o", label=f"{name}: mean ± 1 SD, draws as points")
+        if len(mean_a):
+            lows.append(float((mean_a - sd_a).min()))
+    ax.axhline(0.5, color="0.6", linestyle="--", linewidth=0.9, label="chance (AUC 0.5)")
+    fracs = np.asarray(all_fracs) * 100.0
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xticks(fracs)
+    ax.set_xticklabels([f"{f:g}%" for f in fracs])
+    ax.minorticks_off()
+    ax.margins(x=0.08)
+    ax.set_xlabel("Training fraction (share of the target's training split)")
+    ax.set_ylabel("Test macro ROC AUC")
+    ax.set_ylim(max(0.0, min(lows) - 0.03), 1.02)
+    ax.grid(True, color="0.9", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.legend(loc="lower right", fontsize=8.5, framealpha=0.92)
+    ax.set_title(f"{title} ({'/'.join(map(str, sorted(n_draws)))} draws per fraction)", fontsize=11)
     _save(fig, path)

@@ -202,14 +202,28 @@ class EvaluationReporter:
     per epoch of every sweep variant, the selected one bold) and, for a stage repeated over training
     fractions, ``learning_curve.png``.
 
+    ``evaluation.json`` also holds ``operating_points``: sensitivity, specificity and balanced accuracy on the
+    test split at a threshold chosen on the stage's **validation** predictions (``predictions.csv``, split
+    "val"), for the second class of a binary target and one-vs-rest for each class otherwise
+    (:func:`mltl_roc.evaluation.operating_points`); the test split never chooses it.
+
     Options: ``case_aggregate`` ("mean" or "max": how a case's image probabilities become the case's),
-    ``n_resamples`` and ``seed`` (bootstrap CIs), ``calibration_bins`` (equal-width bins, default 10).
+    ``n_resamples`` and ``seed`` (bootstrap CIs), ``calibration_bins`` (equal-width bins, default 10),
+    ``operating_point`` (how the validation split chooses the threshold: ``"youden"``, the default, or
+    ``"sensitivity:X"``, the most specific threshold reaching sensitivity X on validation).
     """
 
     def __init__(self, *, case_aggregate: str = "mean", n_resamples: int = 1000, seed: int = 0,
-                 calibration_bins: int = 10):
-        from .evaluation import CASE_AGGREGATES
+                 calibration_bins: int = 10, operating_point: str = "youden"):
+        from .evaluation import CASE_AGGREGATES, parse_operating_point
 
+        if not isinstance(operating_point, str):
+            raise UserError(f'operating_point must be a string, "youden" or "sensitivity:0.9", got {operating_point!r}')
+        try:
+            parse_operating_point(operating_point)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self.operating_point = operating_point
         if case_aggregate not in CASE_AGGREGATES:
             raise UserError(f'case_aggregate must be "mean" or "max", got {case_aggregate!r}')
         if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
@@ -253,11 +267,32 @@ class EvaluationReporter:
         }
         if case is None:
             out["case_note"] = "the domain has no patient / study groups: every image is its own case"
+        out["operating_points"] = self._operating_points(result)
         oof = StageFiles(Path(result.stage_dir)).oof_predictions
         if oof.is_file():  # k-fold: every image tested once, by the fold model that never saw it
             pooled = read_predictions(oof, "test", tuple(test.classes))
             p_image, p_case = self._levels(pooled)
             out["pooled_out_of_fold"] = {"source": oof.name, "image": p_image, "case": p_case}
+        return out
+
+    def _operating_points(self, result: StageResult) -> dict[str, Any]:
+        """Thresholds chosen on the stage's validation predictions, applied to its test predictions."""
+        from mltl import read_predictions
+
+        from .evaluation import operating_points
+
+        test = result.test
+        path = StageFiles(Path(result.stage_dir)).predictions
+        try:
+            val = read_predictions(path, "val", tuple(test.classes))
+        except (OSError, KeyError, ValueError) as exc:
+            return {"rule": self.operating_point, "skipped": f"no validation predictions to choose a threshold "
+                                                             f"on ({path.name}: {exc})"}
+        if not len(val) or not len(test):
+            return {"rule": self.operating_point,
+                    "skipped": f"no {'validation' if not len(val) else 'test'} predictions in {path.name}"}
+        out = operating_points(val.labels, val.probs, test.labels, test.probs, test.classes, self.operating_point)
+        out["source"] = f"{path.name}: thresholds from the val rows, metrics on the {test.split} predictions"
         return out
 
     def stage_finished(self, result: StageResult) -> None:

@@ -32,6 +32,7 @@ FIGURES = {
 RUN_FIGURES = {"roc_stages.png": "Macro ROC curve of every stage, each on its own test split (the stages' "
                                  "test sets differ, so the curves are not a paired comparison)."}
 COMPARISON_FIGURE = "roc_chains.png"
+COMPARISON_LEARNING_CURVE = "learning_curve_chains.png"
 
 
 def _fmt(value: Any) -> str:
@@ -87,6 +88,37 @@ def _case_blocks(case: dict[str, Any], image: dict[str, Any], metrics: dict[str,
     ]
 
 
+def _operating_blocks(op: dict[str, Any], image: dict[str, Any]) -> list[Any]:
+    """The operating points chosen on validation, beside the arg-max sensitivity and specificity."""
+    head = Heading(3, "Operating points (threshold chosen on validation)")
+    if op.get("skipped"):
+        return [head, Para(f"No operating point: {op['skipped']}.")]
+    argmax = image.get("per_class") or {}
+    rows = []
+    for name, c in op["classes"].items():
+        am = argmax.get(name) or {}
+        at_argmax = f"{_fmt(am.get('sensitivity'))} / {_fmt(am.get('specificity'))}" if am else "n/a"
+        if c.get("skipped"):
+            rows.append((name, "n/a", "n/a", "n/a", "n/a", "n/a", at_argmax))
+            continue
+        v, t = c["val"], c["test"]
+        rows.append((name, f"{c['threshold']:.4g}", f"{_fmt(v['sensitivity'])} / {_fmt(v['specificity'])}",
+                     _fmt(t["sensitivity"]), _fmt(t["specificity"]), _fmt(t["balanced_accuracy"]), at_argmax))
+    skipped = [f"{name} ({c['skipped']})" for name, c in op["classes"].items() if c.get("skipped")]
+    return [
+        head,
+        Para(f"One threshold per class ({op['scheme']}), chosen on the {op['n_val']} validation images by "
+             f"{op['how']}; the test split ({op['n_test']} images) never chooses it. Set the rule with "
+             f"`reporter_options = {{ evaluation = {{ operating_point = \"sensitivity:0.9\" }} }}` (default "
+             f"\"youden\"). The last column is the arg-max prediction's, for contrast: a model that ranks well "
+             f"(high AUC) but calls every image one class at the arg-max shows 0 and 1 there, and what its ranking "
+             f"is worth at a fixed threshold in the test columns."
+             + (f" No threshold for {', '.join(skipped)}." if skipped else "")),
+        Table(("class", "threshold", "val sensitivity / specificity", "test sensitivity", "test specificity",
+               "test balanced accuracy", "arg-max test sensitivity / specificity"), tuple(rows)),
+    ]
+
+
 def _calibration_blocks(cal: dict[str, Any]) -> list[Any]:
     bins = cal["bins"]
     return [
@@ -105,7 +137,8 @@ def _calibration_blocks(cal: dict[str, Any]) -> list[Any]:
 @hookimpl
 def mltl_report_stage(result):
     """The CI of the test macro AUC (from ``evaluation.json``, else ``roc.json``), the micro AUC, the case
-    AUC as a summary column, the pooled out-of-fold, case-level and calibration tables, and the figures."""
+    AUC as a summary column, the pooled out-of-fold, operating-point, case-level and calibration tables, and
+    the figures."""
     d = Path(result.stage_dir)
     evaluation, roc = _load(d / "evaluation.json"), _load(d / "roc.json")
     cal, gradcam = _load(d / "calibration.json"), _load(d / "gradcam.json")
@@ -123,6 +156,9 @@ def mltl_report_stage(result):
     pooled = (evaluation or {}).get("pooled_out_of_fold")
     if pooled:
         blocks.append(_pooled_table(pooled))
+    operating = (evaluation or {}).get("operating_points")
+    if operating:
+        blocks += _operating_blocks(operating, image)
     if case:
         blocks += _case_blocks(case, image, result.metrics)
     if cal:
@@ -146,7 +182,8 @@ def mltl_report_run(results, run_dir):
 @hookimpl
 def mltl_comparison_figures(chains, out_dir):
     """``roc_chains.png``: every chain's macro ROC curve on one plot (the paper's Figs. 5 and 6), with its AUC
-    and 95% CI in the legend."""
+    and 95% CI in the legend; for a target repeated over training fractions also ``learning_curve_chains.png``:
+    every chain's learning curve on one plot (mean +/- 1 SD per fraction, every draw as a point)."""
     chains = [c for c in chains if scored_classes(c.predictions.labels, c.predictions.probs)]
     if not chains:
         return None
@@ -160,4 +197,15 @@ def mltl_comparison_figures(chains, out_dir):
     some = chains[0].predictions
     path = Path(out_dir) / COMPARISON_FIGURE
     plot_roc(curves, path, f"Target ROC by chain (macro over {len(some.classes)} classes, n={len(some)} {some.split})")
-    return [Figure(path, "Target ROC curves of every chain (macro average), with AUC and 95% CI.")]
+    figures = [Figure(path, "Target ROC curves of every chain (macro average), with AUC and 95% CI.")]
+    curve_chains = [c for c in chains if getattr(c, "fractions", ())]
+    if curve_chains:
+        from .figures import plot_chain_learning_curves
+
+        lc = Path(out_dir) / COMPARISON_LEARNING_CURVE
+        plot_chain_learning_curves([(str(c.name), [(f.fraction, f.aucs) for f in c.fractions]) for c in curve_chains],
+                                   lc)
+        figures.append(Figure(lc, "Learning curves of every chain: the target's mean test AUC +/- 1 SD over the "
+                                  "draws at each training fraction, every draw as a point (draw k trained on the "
+                                  "same images in every chain; all tested on the same images)."))
+    return figures
