@@ -203,6 +203,23 @@ def test_l2sp_penalty_value(data):
     assert float(tuning.penalty()) == pytest.approx(0.05 * sum(float(p.pow(2).sum()) for p in tuning.plain))
 
 
+
+def _interrupted_after_two_epochs(net, train, classes, cfg, tmp_path):
+    """Train ``net`` until a stop request after epoch 2 (as SIGTERM does); the checkpoint it saved."""
+    ckpt = tmp_path / "checkpoint.pt"
+
+    def stop_after_two(epoch, row):
+        train_mod.stop_requested = epoch == 2
+
+    try:
+        with pytest.raises(train_mod.Interrupted):
+            fit(net, train, train, cfg, INP, classes=classes, seed=6, on_epoch=stop_after_two, checkpoint=ckpt,
+                checkpoint_seconds=1e9)
+    finally:
+        train_mod.stop_requested = False
+    assert ckpt.is_file()
+    return ckpt
+
 def test_resume_mid_stage_with_every_method_is_exact(data, tmp_path):
     train, classes = data
     cfg = TrainConfig(val_every=100, epochs=4, batch_size=12, optimizer="sgd", lr=0.02, lr_decay=0.7, unfreeze_every=1,
@@ -215,19 +232,7 @@ def test_resume_mid_stage_with_every_method_is_exact(data, tmp_path):
 
     ref = fresh()
     fit(ref, train, train, cfg, INP, classes=classes, seed=6)
-    ckpt = tmp_path / "checkpoint.pt"
-    net = fresh()
-
-    def stop_after_two(epoch, row):
-        train_mod.stop_requested = epoch == 2
-
-    try:
-        with pytest.raises(train_mod.Interrupted):
-            fit(net, train, train, cfg, INP, classes=classes, seed=6, on_epoch=stop_after_two, checkpoint=ckpt,
-                checkpoint_seconds=1e9)
-    finally:
-        train_mod.stop_requested = False
-    assert ckpt.is_file()
+    ckpt = _interrupted_after_two_epochs(fresh(), train, classes, cfg, tmp_path)
     resumed = fresh()  # as the chain does on --resume: the stage's network anew, then the checkpoint
     fit(resumed, train, train, cfg, INP, classes=classes, seed=6, checkpoint=ckpt)
     for k, v in ref.state_dict().items():
@@ -267,18 +272,7 @@ def test_a_checkpoint_missing_a_key_or_with_a_wrong_shape_or_epoch_is_one_line(d
     traceback and never a silently wrong resume."""
     train, classes = data
     cfg = TrainConfig(val_every=100, epochs=4, batch_size=12, optimizer="sgd", lr=0.02)
-    ckpt = tmp_path / "checkpoint.pt"
-    _, net = _chain_pair(classes)
-
-    def stop_after_two(epoch, row):
-        train_mod.stop_requested = epoch == 2
-
-    try:
-        with pytest.raises(train_mod.Interrupted):
-            fit(net, train, train, cfg, INP, classes=classes, seed=6, on_epoch=stop_after_two, checkpoint=ckpt,
-                checkpoint_seconds=1e9)
-    finally:
-        train_mod.stop_requested = False
+    ckpt = _interrupted_after_two_epochs(_chain_pair(classes)[1], train, classes, cfg, tmp_path)
     state = torch.load(ckpt, weights_only=True)
     damage(state)
     torch.save(state, ckpt)
