@@ -306,11 +306,8 @@ def _resample(frame: np.ndarray, ds, k: int, target: float, path: Path, where: s
     if spacing is None:
         raise UserError(f"{where}dicom: {path} has no PixelSpacing (nor ImagerPixelSpacing), so it cannot be "
                         f"resampled to spacing_mm = {target:g}; leave spacing_mm out or fix the file")
-    rows = max(1, int(round(frame.shape[0] * spacing[0] / target)))
-    cols = max(1, int(round(frame.shape[1] * spacing[1] / target)))
-    check_image_pixels(cols, rows, f"{where}dicom: cannot resample {path}: ",
-                       f"a frame resampled to {target:g} mm pixels")
-    return resample_hu(frame, spacing, target)
+    return resample_hu(frame, spacing, target, prefix=f"{where}dicom: cannot resample {path}: ",
+                       what="a frame resampled")
 
 
 def slice_position(ds) -> float | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltl import Domain, UserError, check_decoded_bytes, check_image_pixels, few, pseudonym, resolve_salt
+from mltl import Domain, UserError, check_decoded_bytes, few, pseudonym, resolve_salt
 
 from .sources import labelled_entries
 from .windows import apply_windows, check_spacing, fit_square, parse_windows, resample_hu, resize_hu
@@ -72,11 +72,8 @@ def _resample(hu: np.ndarray, spacing: tuple[float, float] | None, target: float
     if spacing is None:
         raise UserError(f"{where}nifti: {path} has no usable voxel size in its header (pixdim), so it cannot be "
                         f"resampled to spacing_mm = {target:g}; leave spacing_mm out or fix the header")
-    rows = max(1, int(round(hu.shape[0] * spacing[0] / target)))
-    cols = max(1, int(round(hu.shape[1] * spacing[1] / target)))
-    check_image_pixels(cols, rows, f"{where}nifti: cannot resample {path}: ",
-                       f"a slice resampled to {target:g} mm pixels")
-    return resample_hu(hu, spacing, target)
+    return resample_hu(hu, spacing, target, prefix=f"{where}nifti: cannot resample {path}: ",
+                       what="a slice resampled")
 
 
 def _in_plane_spacing(zooms, axis: str | int) -> tuple[float, float] | None:

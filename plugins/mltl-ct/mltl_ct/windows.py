@@ -42,7 +42,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from mltl import UserError, did_you_mean
+from mltl import UserError, check_image_pixels, did_you_mean
 
 from .phantom import apply_window
 
@@ -218,15 +218,18 @@ def resize_hu(hu: np.ndarray, size: int) -> np.ndarray:
                       dtype=np.float32)
 
 
-def resample_hu(hu: np.ndarray, spacing: tuple[float, float], target_mm: float) -> np.ndarray:
+def resample_hu(hu: np.ndarray, spacing: tuple[float, float], target_mm: float, *, prefix: str = "",
+                what: str = "an image resampled") -> np.ndarray:
     """A 2D array with pixel ``spacing`` (row, column) in mm resampled to ``target_mm`` square pixels
     (Pillow bilinear on float32, antialiased when shrinking): ``round(rows * row_mm / target_mm)`` rows,
-    ``round(cols * col_mm / target_mm)`` columns (at least 1 each)."""
+    ``round(cols * col_mm / target_mm)`` columns (at least 1 each). The result's size is checked against the
+    pixel budget first (:func:`mltl.check_image_pixels`; ``prefix`` and ``what`` name it in the message)."""
     from PIL import Image
 
     hu = np.asarray(hu, dtype=np.float32)
     rows = max(1, int(round(hu.shape[0] * spacing[0] / target_mm)))
     cols = max(1, int(round(hu.shape[1] * spacing[1] / target_mm)))
+    check_image_pixels(cols, rows, prefix, f"{what} to {target_mm:g} mm pixels")
     if (rows, cols) == hu.shape:
         return hu
     return np.asarray(Image.fromarray(np.ascontiguousarray(hu)).resize((cols, rows), Image.Resampling.BILINEAR),
