@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +77,16 @@ def tiny_config(tmp_path):
         return path
 
     return make
+
+
+def fake_predictions(n, n_classes, separation=1.5, seed=0, decimals=None):
+    """Labels and softmax probabilities of a model that is better than chance by ``separation``."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, size=n)
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), labels] += separation
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    if decimals is not None:  # coarse scores: many ties
+        probs = np.round(probs, decimals)
+    return labels, probs

@@ -10,20 +10,8 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from mltl.evaluation.stats import (bootstrap_auc_ci, bootstrap_macro_aucs, delong_test, macro_auc, paired_bootstrap,
-                        stratified_resamples)
-
-
-def fake_predictions(n, n_classes, separation=1.5, seed=0, decimals=None):
-    """Labels and softmax probabilities of a model that is better than chance by ``separation``."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, n_classes, size=n)
-    logits = rng.normal(size=(n, n_classes))
-    logits[np.arange(n), labels] += separation
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
-    if decimals is not None:  # coarse scores: many ties
-        probs = np.round(probs, decimals)
-    return labels, probs
+                                   stratified_resamples)
+from tests.conftest import fake_predictions
 
 
 # ----------------------------------------------------------------------------------------- macro_auc

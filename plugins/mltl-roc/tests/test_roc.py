@@ -13,21 +13,10 @@ from mltl import bootstrap_auc_ci, macro_auc
 from mltl.evaluation.results import Predictions, StageResult
 from mltl_roc.reporter import RocReporter
 from mltl_roc.roc import plot_roc, roc_curves
+from tests.conftest import fake_predictions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-
-def fake_predictions(n, n_classes, separation=1.5, seed=0, decimals=None):
-    """Labels and softmax probabilities of a model that is better than chance by ``separation``."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, n_classes, size=n)
-    logits = rng.normal(size=(n, n_classes))
-    logits[np.arange(n), labels] += separation
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
-    if decimals is not None:  # coarse scores: many ties
-        probs = np.round(probs, decimals)
-    return labels, probs
 
 
 # ------------------------------------------------------------------------------------------- curves
