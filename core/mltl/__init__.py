@@ -61,7 +61,7 @@ from .data.cache import cache_dir
 from .data.limits import check_decoded_bytes, check_image_pixels, few
 from .hookspecs import hookimpl
 from .networks.freeze import FreezePolicy
-from .networks.network import HeadSpec, Network, Trunk
+from .networks.network import HeadSpec, Network, Preprocessing, Trunk
 from .plugins import get_registry, register_plugin, unregister_plugin
 from .running.chain import RunResult, run
 from .running.compare import Comparison, compare
@@ -73,6 +73,7 @@ from .version import __version__
 
 __all__ = [
     "Comparison", "Config", "ConfigError", "Domain", "ExportResult", "FreezePolicy", "HeadSpec", "Network",
+    "Preprocessing",
     "Predictions", "Reporter", "RunResult", "Stage", "StageConfig", "StageResult", "TrainedStage", "Trunk",
     "UserError", "__version__", "compare", "export", "get_registry", "hookimpl", "load_config", "load_stage",
     "predict", "register_plugin", "run", "unregister_plugin", "validate",

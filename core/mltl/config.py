@@ -108,6 +108,34 @@ def _positive(instance, attribute, value) -> None:
         raise ValueError("must be greater than 0")
 
 
+def _per_channel(value: Any) -> tuple[float, ...] | None:
+    """A normalisation constant: one number or a list of them (one per channel), kept as a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in value):
+        return tuple(float(v) for v in value)
+    return value  # the validator says what is wrong
+
+
+def _channel_values(instance, attribute, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple) or not all(isinstance(v, float) for v in value):
+        raise ValueError("must be a number or a list of numbers (one per channel)")
+    if len(value) not in (1, 3):
+        raise ValueError(f"must be one number or one per channel (3 for RGB), got {len(value)}")
+    if not all(math.isfinite(v) for v in value):
+        raise ValueError("must be finite")
+
+
+def _positive_values(instance, attribute, value) -> None:
+    if value is not None and isinstance(value, tuple) and any(v <= 0 for v in value):
+        raise ValueError("must be greater than 0")
+
+
 def _non_negative(instance, attribute, value) -> None:
     if value is not None and value < 0:
         raise ValueError("must be 0 or more")
@@ -161,8 +189,8 @@ class RunSection:
 class InputConfig:
     size: int = attrs.field(default=64, validator=_input_size, metadata=doc("Square input size in pixels for every stage (paper: 150)."))
     channels: Literal[1, 3] = attrs.field(default=1, metadata=doc("Input channels: 1 (grey) or 3 (RGB; grey images are replicated)."))
-    mean: float = attrs.field(default=0.5, metadata=doc("Normalisation: (pixel/255 - mean) / std."))
-    std: float = attrs.field(default=0.25, validator=_positive, metadata=doc("Normalisation: (pixel/255 - mean) / std."))
+    mean: tuple[float, ...] | None = attrs.field(default=None, converter=_per_channel, validator=_channel_values, metadata=doc("Normalisation (pixel/255 - mean) / std: one number, or one per channel (e.g. ImageNet's [0.485, 0.456, 0.406]); default: the backbone's own (a pretrained timm or torchvision model's), else 0.5."))
+    std: tuple[float, ...] | None = attrs.field(default=None, converter=_per_channel, validator=[_channel_values, _positive_values], metadata=doc("Normalisation (pixel/255 - mean) / std: one number, or one per channel; default: the backbone's own, else 0.25."))
 
 
 @attrs.frozen
@@ -582,6 +610,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None:
             return None
         non_none = [a for a in args if a is not type(None)]
+        if typing.get_origin(non_none[0]) is tuple and not isinstance(value, list) \
+                and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _convert(value, typing.get_args(non_none[0])[0], key, source)  # one number for all channels
         return _convert(value, non_none[0], key, source)
     if origin is Literal:
         if value not in args or isinstance(value, bool) != isinstance(args[0], bool):

@@ -32,8 +32,10 @@ import attrs
 import torch
 from torch import nn
 
+from ..config import InputConfig
 from ..errors import UserError
 from ..running.rundir import StageFiles, refuse_run_file, write_bytes_atomic, write_text_atomic
+from ..training.train import normalisation
 from ..version import __version__
 
 log = logging.getLogger("mltl.deploy.export")
@@ -53,11 +55,18 @@ class ProbabilityModel(nn.Module):
     exported graph holds two constants instead of a call into mltl.
     """
 
-    def __init__(self, network: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, network: nn.Module, inp: InputConfig) -> None:
         super().__init__()
         self.network = network
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = mean / std
+        mean, std = normalisation(inp)
+        if len(mean) == 1 and len(std) == 1:
+            self.scale = 1.0 / (255.0 * std[0])
+            self.shift = mean[0] / std[0]
+        else:  # per channel, shaped (C, 1, 1) to broadcast over (N, C, H, W)
+            m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+            s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+            self.register_buffer("scale", 1.0 / (255.0 * s))
+            self.register_buffer("shift", m / s)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(torch.float32) * self.scale - self.shift
@@ -73,6 +82,10 @@ class ExportResult:
     format: str
     exporter: str
     metadata: dict[str, Any]
+
+
+def _one_or_list(values: tuple[float, ...]) -> float | list[float]:
+    return values[0] if len(values) == 1 else list(values)
 
 
 def export_metadata(stage: Any) -> dict[str, Any]:
@@ -93,8 +106,8 @@ def export_metadata(stage: Any) -> dict[str, Any]:
             "layout": "NCHW",
             "channels": inp.channels,
             "size": inp.size,
-            "mean": inp.mean,
-            "std": inp.std,
+            "mean": _one_or_list(normalisation(inp)[0]),  # one number, or one per channel
+            "std": _one_or_list(normalisation(inp)[1]),
             "normalisation": "inside the model: (pixel / 255 - mean) / std",
             "batch": "any",
         },
@@ -234,7 +247,7 @@ def export(stage: Any, format: Literal["onnx", "torchscript"] = "onnx", out: str
     refuse_run_file(sidecar, f"export: --out {path}: its metadata file")
     meta = export_metadata(stage)
     net = copy.deepcopy(stage.network).to("cpu").eval().requires_grad_(False)  # the caller's copy stays as it is
-    model = ProbabilityModel(net, stage.input.mean, stage.input.std).eval()
+    model = ProbabilityModel(net, stage.input).eval()
     # two images, so that no size-1 dimension is specialised into the graph
     example = torch.randint(0, 256, (2, stage.input.channels, stage.input.size, stage.input.size), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(0))

@@ -25,17 +25,45 @@ from ..errors import ConfigError
 CLASSIFIER = "classifier"
 
 
+@attrs.frozen
+class Preprocessing:
+    """How a backbone's weights expect their input: what a pretrained model was trained on.
+
+    ``mean`` and ``std`` are per channel, on pixels scaled to [0, 1] (ImageNet: (0.485, 0.456, 0.406) and
+    (0.229, 0.224, 0.225)). A chain uses them unless its ``[input] mean`` / ``std`` say otherwise
+    (:func:`mltl.running.preflight.resolve_input`); ``input_size``, ``channels`` and ``interpolation`` are
+    recorded, and a chain that feeds another size or channel count says so in its run record.
+    ``source`` says where the numbers come from (e.g. "timm pretrained_cfg of resnet18.a1_in1k").
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int | None = None
+    channels: int = 3
+    interpolation: str = "bilinear"
+    source: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3) or any(s <= 0 for s in self.std):
+            raise ValueError(f"preprocessing mean {self.mean} and std {self.std}: one or three values each, std > 0")
+
+
 @attrs.frozen(eq=False)
 class Trunk:
     """What a backbone plugin builds: a module mapping images ``(B, C, H, W)`` to features ``(B, feature_dim)``.
 
     ``groups`` maps each layer-group name to the dotted paths of its submodules inside ``module``, in
-    input-to-output order (a dict keeps its insertion order).
+    input-to-output order (a dict keeps its insertion order). ``loose`` assigns parameters that a module
+    holds itself rather than through a submodule (a ViT's ``cls_token`` and ``pos_embed``) to a group, by
+    dotted parameter name, so that freezing the group freezes them too. ``preprocessing`` is the input the
+    weights expect (a pretrained model's mean and std), or None for a network trained from scratch.
     """
 
     module: nn.Module
     feature_dim: int
     groups: dict[str, tuple[str, ...]]
+    preprocessing: Preprocessing | None = None
+    loose: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         names = dict(self.module.named_modules())
@@ -45,6 +73,13 @@ class Trunk:
                     raise ValueError(f"backbone group {group!r} names {path!r}, which is not a submodule")
             if group == CLASSIFIER or group.startswith("N") and group[1:].isdigit():
                 raise ValueError(f"backbone group name {group!r} is reserved for the head")
+        params = dict(self.module.named_parameters())
+        for group, names_ in self.loose.items():
+            if group not in self.groups:
+                raise ValueError(f"loose parameters name group {group!r}, which is not one of the backbone's groups")
+            for name in names_:
+                if name not in params:
+                    raise ValueError(f"backbone group {group!r}: loose parameter {name!r} is not a parameter")
 
 
 def _widths(instance, attribute, value) -> None:
@@ -99,6 +134,8 @@ class Network(nn.Module):
         for name, _ in head.named_children():
             groups[name] = (f"head.{name}",)
         self.groups = groups
+        self.loose = {g: tuple(f"trunk.{n}" for n in names) for g, names in trunk.loose.items()}
+        self.preprocessing = trunk.preprocessing
         self.trunk_groups = tuple(trunk.groups)
         self.frozen: frozenset[str] = frozenset()
         self.inherited: frozenset[str] = frozenset()  # groups whose weights came from an earlier stage
@@ -118,6 +155,9 @@ class Network(nn.Module):
         for module in self.group_modules(group):
             for p in module.parameters():
                 seen.setdefault(id(p), p)
+        for name in self.loose.get(group, ()):
+            p = self.get_parameter(name)
+            seen.setdefault(id(p), p)
         return list(seen.values())
 
     def set_frozen(self, groups: frozenset[str]) -> None:

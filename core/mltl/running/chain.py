@@ -302,8 +302,8 @@ class _StageRunner:
             trainable=sum(p.numel() for p in net.parameters() if p.requires_grad),
             n_images={s: int(len(idx)) for s, idx in best.splits.items()},
             class_counts=split_counts(domain, best.splits), repeat=rep.row() if len(plan.repeats) > 1 else None)
-        model_json = {"spec": net.spec, "input": attrs.asdict(self.config.input), "frozen": list(cand.frozen),
-                      "domain": {"plugin": cfg.domain.plugin, "options": cfg.domain.options}}
+        model_json = {"spec": net.spec, "input": attrs.asdict(self.config.input), "input_note": self.chain.input_note,
+                      "frozen": list(cand.frozen), "domain": {"plugin": cfg.domain.plugin, "options": cfg.domain.options}}
         write_stage(files, net=net, model_json=model_json, history=best.history, predictions=[best.val, test],
                     splits=splits_csv(domain.ids, domain.classes, domain.labels, best.splits), selection=selection,
                     metrics=metrics)
@@ -364,6 +364,8 @@ def _run_locked(chain: ChainPlan, registry: Registry, dev: torch.device, events:
         write_text_atomic(files.config, dump_toml(config.raw))
         write_json_atomic(files.environment, env)
     write_json_atomic(files.state, {"state": "running", "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if chain.input_note:
+        log.info("%s", chain.input_note)
     t0 = time.perf_counter()
     runner = _StageRunner(chain, registry, dev, run_dir, events, resume, reuse)
     results: list[StageResult] = []

@@ -23,7 +23,7 @@ from ..networks.finetune import check as check_finetuning
 from ..networks.freeze import FreezePolicy
 from ..networks.network import HeadSpec, Network, build_network, derive, make_spec
 from ..plugins import Registry, check_options, get_registry
-from ..training.train import check_batch_size
+from ..training.train import DEFAULT_MEAN, DEFAULT_STD, check_batch_size, normalisation
 from .plan import StagePlan, domain_key, load_domains, plan_stage, stage_key
 
 
@@ -35,6 +35,7 @@ class ChainPlan:
     config: Config
     domains: dict[str, Domain]
     stages: tuple[StagePlan, ...]
+    input_note: str = ""  # how the chain's input is normalised and where that comes from (resolve_input)
 
     def domain(self, cfg) -> Domain:
         return self.domains[domain_key(cfg)]
@@ -120,10 +121,62 @@ def check_output_names(config: Config, reporters: list) -> None:
                               key=f"{stage_key(i)}.name", source=config.source)
 
 
-def check_networks(config: Config, registry: Registry) -> None:
+def check_networks(config: Config, registry: Registry) -> dict[str, list[Network]]:
     """Build every variant's network (untrained, tiny placeholder classes) and resolve its freeze policy,
-    so an unknown backbone option or layer group fails before any training."""
-    _build_networks(config, registry)
+    so an unknown backbone option or layer group fails before any training. Returns them by stage."""
+    return _build_networks(config, registry)
+
+
+def resolve_input(config: Config, networks: dict[str, list[Network]]) -> tuple[Config, str]:
+    """The chain's ``[input]`` with its normalisation made explicit, and a sentence for the run record.
+
+    ``[input] mean`` / ``std`` in the config win. Otherwise the backbones' own preprocessing (a pretrained
+    model's, :class:`~mltl.networks.network.Preprocessing`) is used; backbones that disagree must be settled
+    by the config. A network without one (trained here from scratch) gets 0.5 / 0.25.
+    """
+    inp = config.input
+    wanted = {}
+    for stage in config.stages:
+        for net in networks.get(stage.name, ()):
+            if net.preprocessing is not None:
+                pre = net.preprocessing
+                wanted.setdefault((pre.mean, pre.std), pre)
+    if len(wanted) > 1:
+        listed = "; ".join(f"{p.source or 'a backbone'}: mean {list(p.mean)}, std {list(p.std)}" for p in wanted.values())
+        raise ConfigError(f"the chain's backbones expect different input normalisations ({listed}); one [input] "
+                          f"serves the whole chain: set [input] mean and std", key="input", source=config.source)
+    pre = next(iter(wanted.values()), None)
+    mean = inp.mean if inp.mean is not None else (pre.mean if pre else (DEFAULT_MEAN,))
+    std = inp.std if inp.std is not None else (pre.std if pre else (DEFAULT_STD,))
+    if inp.mean is not None and inp.std is not None:
+        origin = "[input] mean and std of the config"
+    elif pre is not None:
+        origin = f"the backbone's own ({pre.source or 'its pretrained weights'})"
+        if inp.mean is not None or inp.std is not None:
+            origin += ", with [input] " + ("mean" if inp.mean is not None else "std") + " of the config"
+    else:
+        origin = "mltl's default for networks trained from scratch" + (
+            ", with [input] " + ("mean" if inp.mean is not None else "std") + " of the config"
+            if inp.mean is not None or inp.std is not None else "")
+    notes = []
+    resolved = attrs.evolve(inp, mean=mean, std=std)
+    m, s = normalisation(resolved)
+    notes.append(f"input normalisation (pixel/255 - mean) / std with mean {_fmt(m)}, std {_fmt(s)}: {origin}")
+    if len(mean) == 3 and inp.channels == 1:
+        notes.append("grey input (channels = 1): the per-channel values are averaged")
+    if pre is not None:
+        if pre.channels == 3 and inp.channels == 1:
+            notes.append("the pretrained weights expect 3 channels; fed 1 (grey), their first convolution's RGB "
+                         "filters are summed (set [input] channels = 3 to replicate grey images instead)")
+        elif pre.channels == 1 and inp.channels == 3:
+            notes.append("the pretrained weights expect 1 channel and are fed 3")
+        if pre.input_size and pre.input_size != inp.size:
+            notes.append(f"the weights were trained at {pre.input_size} px and are fed {inp.size} px ([input] size)")
+    return attrs.evolve(config, input=resolved), "; ".join(notes)
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return ", ".join(f"{v:g}" for v in values) if len(values) > 1 else f"{values[0]:g}"
 
 
 def _build_networks(config: Config, registry: Registry) -> dict[str, list[Network]]:
@@ -156,8 +209,9 @@ def _build_networks(config: Config, registry: Registry) -> dict[str, list[Networ
     return built
 
 
-def validate(config: Config, registry: Registry | None = None) -> None:
-    """Everything that can be checked without data: plugin names and options, networks, freeze groups."""
+def validate(config: Config, registry: Registry | None = None) -> dict[str, list[Network]]:
+    """Everything that can be checked without data: plugin names and options, networks, freeze groups.
+    Returns the untrained networks by stage (what :func:`resolve_input` reads)."""
     registry = registry or get_registry()
     for i, stage in enumerate(config.stages):
         for _, cfg in stage.variants:
@@ -171,14 +225,14 @@ def validate(config: Config, registry: Registry | None = None) -> None:
     check_output_names(config, reporters)
     check_seed_options(config)
     check_network_sizes(config, registry)
-    check_networks(config, registry)
+    return check_networks(config, registry)
 
 
 def prepare(config: Config, registry: Registry | None = None) -> ChainPlan:
     """:func:`validate`, then read every domain, refuse leakage (``docs/data-check.md``), plan every stage and
     make every variant's first split: what ``mltl run`` and ``mltl validate`` check before training."""
     registry = registry or get_registry()
-    validate(config, registry)
+    config, input_note = resolve_input(config, validate(config, registry))
     domains = audit_leakage(config, load_domains(config, registry))
     plans = []
     for i, stage in enumerate(config.stages):
@@ -187,7 +241,7 @@ def prepare(config: Config, registry: Registry | None = None) -> ChainPlan:
             domain = domains[domain_key(cfg)]
             variant_plan = plan_stage(config, i, domain, cfg)
             variant_plan.split(domain, cfg, variant_plan.repeats[0])
-    return ChainPlan(config=config, domains=domains, stages=tuple(plans))
+    return ChainPlan(config=config, domains=domains, stages=tuple(plans), input_note=input_note)
 
 
 def check_not_inside_data(config: Config, run_dir: Path) -> None:

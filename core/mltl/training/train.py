@@ -63,10 +63,32 @@ class FitResult:
     seconds: float
 
 
+DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25  # for networks without a preprocessing of their own (trained here)
+
+
+def normalisation(inp: InputConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` that :func:`normalise` applies, one value or one per channel of ``inp.channels``.
+
+    A per-channel pair (three values) on grey input (``channels = 1``) becomes its average: a grey image
+    replicated into three channels and normalised per channel, then passed through a first convolution
+    whose RGB filters were summed, is approximated by the one averaged normalisation.
+    """
+    mean = inp.mean if inp.mean is not None else (DEFAULT_MEAN,)
+    std = inp.std if inp.std is not None else (DEFAULT_STD,)
+    if inp.channels == 1:
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return tuple(mean), tuple(std)
+
+
 def normalise(x: torch.Tensor, inp: InputConfig) -> torch.Tensor:
-    """uint8 images ``x`` as the float input the network was trained on: ``(x / 255 - mean) / std``."""
-    scale = 1.0 / (255.0 * inp.std)
-    return x.float().mul_(scale).sub_(inp.mean / inp.std)
+    """uint8 images ``x`` ``(N, C, H, W)`` as the float input the network was trained on:
+    ``(x / 255 - mean) / std``, per channel where ``inp`` gives one value per channel."""
+    mean, std = normalisation(inp)
+    if len(mean) == 1 and len(std) == 1:  # the common case, as one fused scale and shift
+        return x.float().mul_(1.0 / (255.0 * std[0])).sub_(mean[0] / std[0])
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.float().mul_(1.0 / (255.0 * s)).sub_(m / s)
 
 
 def _epoch_order(cfg: TrainConfig, n: int, gen: torch.Generator, y_host: torch.Tensor) -> torch.Tensor:
