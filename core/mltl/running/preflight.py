@@ -141,11 +141,12 @@ def resolve_input(config: Config, networks: dict[str, list[Network]]) -> tuple[C
             if net.preprocessing is not None:
                 pre = net.preprocessing
                 wanted.setdefault((pre.mean, pre.std), pre)
-    if len(wanted) > 1:
-        listed = "; ".join(f"{p.source or 'a backbone'}: mean {list(p.mean)}, std {list(p.std)}" for p in wanted.values())
+    if len(wanted) > 1 and (inp.mean is None or inp.std is None):
+        listed = "; ".join(f"{p.source or 'a backbone'}: mean {list(p.mean)}, std {list(p.std)}"
+                           for p in wanted.values())
         raise ConfigError(f"the chain's backbones expect different input normalisations ({listed}); one [input] "
                           f"serves the whole chain: set [input] mean and std", key="input", source=config.source)
-    pre = next(iter(wanted.values()), None)
+    pre = next(iter(wanted.values()), None) if len(wanted) == 1 else None
     mean = inp.mean if inp.mean is not None else (pre.mean if pre else (DEFAULT_MEAN,))
     std = inp.std if inp.std is not None else (pre.std if pre else (DEFAULT_STD,))
     if inp.mean is not None and inp.std is not None:
