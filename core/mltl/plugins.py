@@ -358,6 +358,41 @@ def _accepted_types(annotation: Any) -> tuple[type, ...] | None:
     return None
 
 
+#: arguments the core passes to a factory itself (not config options), by kind
+RESERVED_OPTIONS = {"domain": ("image_size",), "backbone": ("in_chans", "image_size")}
+
+
+@attrs.frozen
+class OptionInfo:
+    """One config option of a registered factory, for ``mltl plugins NAME`` and generated docs."""
+
+    name: str
+    type: str  # as written in the factory's signature, e.g. "int | None"
+    default: str  # repr of the default, or "required"
+
+
+def describe_options(factory: Callable[..., Any], reserved: Iterable[str] = ()) -> list[OptionInfo]:
+    """The keyword options a factory accepts (what :func:`check_options` checks), in signature order."""
+    reserved = set(reserved)
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # noqa: BLE001 - a third-party annotation may fail to resolve in any way
+        hints = {}
+    out = []
+    for name, p in inspect.signature(factory).parameters.items():
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or name in reserved:
+            continue
+        annotation = hints.get(name, p.annotation)
+        if annotation is p.empty:
+            kind = "any"
+        elif isinstance(annotation, type):
+            kind = annotation.__name__
+        else:
+            kind = str(annotation).replace("typing.", "").replace("NoneType", "None")
+        out.append(OptionInfo(name, kind, "required" if p.default is p.empty else repr(p.default)))
+    return out
+
+
 def check_options(factory: Callable[..., Any], options: dict[str, Any], *, key: str = "", source: str = "",
                   reserved: Iterable[str] = ()) -> dict[str, Any]:
     """Check config options against a factory's keyword parameters; return them as keyword arguments."""
@@ -365,7 +400,7 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], *, key: 
     sig = inspect.signature(factory)
     try:
         hints = typing.get_type_hints(factory)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a third-party annotation may fail to resolve in any way
         hints = {}
     params = {
         n: p for n, p in sig.parameters.items()

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..running.rundir import RunFiles
 from ..version import __version__
 from .console import make_console
@@ -113,9 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     rk.add_argument("--device", help=DEVICE_HELP)
     rk.add_argument("--json", help="also write the ranking to this JSON file")
 
-    sub.add_parser("plugins", help="list installed plugins, their distributions and what they provide",
-                   epilog="example:\n  MLTL_LOAD_PLUGINS=mltl-gfe mltl plugins",
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl = sub.add_parser("plugins", help="list installed plugins, their distributions and what they provide; "
+                        "with NAME, the options of that domain, backbone, freeze policy or reporter",
+                        epilog="examples:\n  mltl plugins\n  mltl plugins medmnist      # its options, types and "
+                        "defaults\n  MLTL_LOAD_PLUGINS=mltl-gfe mltl plugins",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("name", nargs="?", help="a registered domain, backbone, freeze policy or reporter name "
+                    "(as in a config's plugin = / name =); prints its description and options")
 
     data = sub.add_parser("data", help="audit data: class counts, bad files, duplicates and leakage")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -413,6 +417,8 @@ def _plugins(args: argparse.Namespace) -> int:
     from ..plugins import get_registry, plugin_infos
 
     registry = get_registry()
+    if getattr(args, "name", None):
+        return _plugin_options(registry, args.name)
     provides: dict[str, list[str]] = {}
     for kind in ("domain", "backbone", "freeze policy", "reporter"):
         for item in registry.all(kind):
@@ -424,6 +430,45 @@ def _plugins(args: argparse.Namespace) -> int:
         table.add_row(info.name, info.distribution or "-", info.version or "-",
                       "\n".join(provides.get(info.name, [])) or "-", "\n".join(info.hooks))
     make_console(min_width=120).print(table)
+    return 0
+
+
+def _plugin_options(registry, name: str) -> int:
+    """``mltl plugins NAME``: what NAME is, which plugin provides it, and its options with types and defaults."""
+    import inspect
+
+    from rich.table import Table
+
+    from ..plugins import RESERVED_OPTIONS, describe_options
+
+    kinds = ("domain", "backbone", "freeze policy", "reporter")
+    found = [registry.get(kind, name) for kind in kinds if name in registry.names(kind)]
+    if not found:
+        every = [n for kind in kinds for n in registry.names(kind)]
+        raise UserError(f'mltl plugins: no domain, backbone, freeze policy or reporter is named "{name}"'
+                        f"{did_you_mean(name, every)}; `mltl plugins` lists them")
+    console = make_console(min_width=100)
+    for item in found:
+        doc = inspect.getdoc(item.factory) or ""
+        console.print(f"[bold]{item.kind} {item.name}[/bold] (plugin {item.plugin})"
+                      + (" [opt-in: name it in [run] reporters]" if getattr(item, "opt_in", False) else ""))
+        if doc:
+            console.print(doc.split("\n\n")[0], markup=False, highlight=False)
+        options = describe_options(item.factory, RESERVED_OPTIONS.get(item.kind, ()))
+        if not options:
+            console.print("no options")
+            continue
+        table = Table(show_header=True)
+        for col in ("option", "type", "default"):
+            table.add_column(col)
+        for opt in options:
+            table.add_row(opt.name, opt.type, opt.default)
+        console.print(table)
+        where = {"domain": "stages.NAME.domain = { plugin = ..., OPTION = ... }",
+                 "backbone": "stages.NAME.backbone = { name = ..., OPTION = ... }",
+                 "reporter": "[run] reporter_options = { NAME = { OPTION = ... } }"}.get(item.kind)
+        if where:
+            console.print(f"set in a config as {where}", markup=False, highlight=False)
     return 0
 
 
