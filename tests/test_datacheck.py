@@ -273,3 +273,21 @@ def test_kidney_example_runs_end_to_end(shared_data, tmp_path):
     assert metrics["classes"] == ["Normal", "Tumor"] and metrics["n_test"] > 50
     rows = (out / "target" / "splits.csv").read_text().splitlines()[1:]
     assert len(rows) == 1000 and all(r.split(",")[0].split("/")[0] in ("Normal", "Tumor") for r in rows)
+
+
+def test_every_finding_says_how_to_fix_it(leaky, tmp_path, capsys):
+    rc, rep = check_json(capsys, leaky())
+    assert rc == 3
+    fixes = {p["kind"]: p["fix"] for p in rep["problems"]}
+    assert "stages.target.split.allow_leakage = true" in fixes["leak-stages"]
+    assert "stage intermediate" in fixes["leak-stages"]
+    assert cli.main(["data", "check", str(leaky())]) == 3
+    out = capsys.readouterr().out
+    assert "how to fix" in out and "allow_leakage" in out
+    # a folder: duplicates across classes and a class too small, each with its remedy
+    folder = noise_folder(tmp_path / "folder", ["a", "b"], 6, 3)
+    shutil.copy(folder / "a" / "a0.png", folder / "b" / "copy.png")
+    (folder / "c").mkdir()
+    rc, rep = check_json(capsys, folder)
+    fixes = {p["kind"]: p["fix"] for p in rep["problems"]}
+    assert "delete the other" in fixes["conflicting-labels"] and "add images" in fixes["small-class"]

@@ -624,8 +624,32 @@ def audit_leakage(config: Any, domains: dict[str, Domain]) -> dict[str, Domain]:
 # ---------------------------------------------------------------- the report
 
 
+def how_to_fix(finding: dict[str, Any], kind: str) -> str:
+    """One sentence telling the user how to resolve a finding; ``kind`` is "config" or "folder" (what was checked)."""
+    stage = finding.get("stage") or ""
+    key = f"stages.{stage}.split" if stage and kind == "config" else "split (in the stage's config)"
+    return {
+        "leak-splits": f"keep each duplicate group in one split with {key}.group_near_duplicates = true (needs no "
+                       f"patient ids), or delete the extra copies from the data; {key}.allow_leakage = true runs "
+                       f"anyway, with an optimistic evaluation",
+        "leak-stages": f"remove the shared images from one of the two stages' data (an image stage "
+                       f"{finding.get('earlier', 'an earlier stage')} trained on must not be evaluated by stage "
+                       f"{stage or 'this stage'}), or run anyway with {key}.allow_leakage = true",
+        "conflicting-labels": "one image filed under two classes: keep the copy in its correct class folder (or "
+                              "manifest row) and delete the other",
+        "exact-duplicate": "harmless to the evaluation (the copies sit in one split), but each weighs twice in "
+                           "training: delete the extra copies",
+        "unreadable": "re-export the file (or delete it); `mltl run` refuses a domain with unreadable images",
+        "small-class": "add images of that class, drop it with the domain's classes option, or merge it into "
+                       "another class",
+        "split": f"change {key} (smaller val / test fractions, fewer folds, or a lower min_per_class), or add images",
+    }.get(finding.get("kind", ""), "see the finding")
+
+
 def _report(kind: str, target: str, summaries: list[dict[str, Any]], units: list[_Unit], analysis: dict[str, Any],
             problems: list[dict[str, Any]], warnings: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    for finding in (*problems, *warnings):
+        finding.setdefault("fix", how_to_fix(finding, kind))
     for s, pu in zip(summaries, analysis["per_unit"]):
         s["near_duplicate_groups"] = len(pu["groups"])
         s["images_in_duplicate_groups"] = sum(g["size"] for g in pu["groups"])
@@ -697,10 +721,11 @@ def render(report: dict[str, Any], console: Any = None, *, max_rows: int = 15) -
         pt.add_column("kind")
         pt.add_column("stage")
         pt.add_column("finding", overflow="fold")
+        pt.add_column("how to fix", overflow="fold")
         for p in report["problems"]:
-            pt.add_row("[red]problem[/red]", p["kind"], p.get("stage", ""), p["message"])
+            pt.add_row("[red]problem[/red]", p["kind"], p.get("stage", ""), p["message"], p.get("fix", ""))
         for w in report["warnings"]:
-            pt.add_row("[yellow]warning[/yellow]", w["kind"], w.get("stage", ""), w["message"])
+            pt.add_row("[yellow]warning[/yellow]", w["kind"], w.get("stage", ""), w["message"], w.get("fix", ""))
         console.print(pt)
     verdict = ("[green]OK[/green]: nothing found that would corrupt an evaluation" if report["ok"] else
                f"[red]{len(report['problems'])} problem(s)[/red] that would corrupt an evaluation")
