@@ -13,7 +13,14 @@ Conventions shared by every function here:
 The macro AUC of a multi-class problem is not a single Mann-Whitney statistic, so its uncertainty comes
 from one class-stratified bootstrap (:func:`stratified_resamples`), used for every CI and paired
 p-value mltl prints: the run report's, the reporters' and ``mltl compare``'s. For the same labels,
-``n_resamples`` and ``seed`` they see the same resamples, so they print the same interval. Binary AUCs
+``n_resamples`` and ``seed`` they see the same resamples, so they print the same interval.
+
+**Cluster bootstrap.** Images of one patient are not independent: a test set of 200 images from 40
+patients carries far less information than 200 patients would, and resampling images gives too narrow an
+interval and too small a p-value. Every bootstrap function here takes ``groups`` (one case key per image,
+e.g. :attr:`mltl.Predictions.groups`): with it, whole groups are drawn with replacement, stratified by each
+group's majority class, and a drawn group brings all its images (as often as it was drawn). Without it
+(``groups=None``) the image bootstrap is used, unchanged. Binary AUCs
 of two models are compared with DeLong, DeLong & Clarke-Pearson (1988), "Comparing the areas under two
 or more correlated receiver operating characteristic curves", Biometrics 44(3), with the structural
 components computed from mid-ranks (Sun & Xu 2014).
@@ -30,7 +37,8 @@ from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_auc_score
 
 __all__ = ["check_scores", "scored_classes", "macro_auc", "stratified_resamples", "bootstrap_macro_aucs",
-           "bootstrap_auc_ci", "paired_bootstrap", "paired_bootstrap_over_draws", "delong_test"]
+           "bootstrap_auc_ci", "paired_bootstrap", "paired_bootstrap_over_draws", "delong_test",
+           "resampling_unit"]
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -107,7 +115,8 @@ def _positive_int(n_resamples: Any) -> int:
     return int(n_resamples)
 
 
-def stratified_resamples(labels: Any, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+def stratified_resamples(labels: Any, n_resamples: int = 1000, seed: int = 0,
+                         groups: Sequence[Any] | None = None) -> np.ndarray | list[np.ndarray]:
     """Row indices of ``n_resamples`` class-stratified bootstrap resamples, shape ``(n_resamples, N)``.
 
     Each resample draws, within each class separately, as many rows with replacement as that class
@@ -116,17 +125,131 @@ def stratified_resamples(labels: Any, n_resamples: int = 1000, seed: int = 0) ->
     ``members = np.flatnonzero(labels == c)`` and ``members[rng.integers(0, len(members),
     size=(n_resamples, len(members)))]``; these blocks are joined along axis 1 in that class order.
     Resample ``b`` is row ``b``; column ``j`` holds a row of the same class in every resample.
+
+    With ``groups`` (one case key per row, e.g. a patient id), the cluster bootstrap: a list of
+    ``n_resamples`` 1-D index arrays, whose lengths vary with the sizes of the groups drawn. The scheme:
+    the groups are the distinct keys, sorted (``np.unique``); each group's class is the class most of its
+    rows have (ties: the lower class index); ``rng = np.random.default_rng(seed)``; for each such group
+    class ``c``, ascending, ``members`` = the indices of the groups of class ``c`` and
+    ``members[rng.integers(0, len(members), size=(n_resamples, len(members)))]``; resample ``b`` is, for
+    each group drawn in row ``b`` of these blocks (in class order, then draw order), all of that group's
+    rows in their original order. Every resample holds as many groups of each group class as the data
+    (so a class that is the majority of some group is always present).
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be a 1-D array, got shape {labels.shape}")
     n_resamples = _positive_int(n_resamples)
+    if groups is not None:
+        group_of, picks = _group_picks(labels, groups, n_resamples, seed)
+        rows_of = _rows_of_groups(group_of, picks.shape[1])
+        empty = np.empty(0, dtype=np.int64)
+        return [np.concatenate([rows_of[g] for g in row]) if row.size else empty for row in picks]
     rng = np.random.default_rng(seed)
     blocks = [np.empty((n_resamples, 0), dtype=np.int64)]
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         blocks.append(members[rng.integers(0, members.size, size=(n_resamples, members.size))])
     return np.concatenate(blocks, axis=1)
+
+
+def _group_index(labels: np.ndarray, groups: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(per row its group index, groups sorted by key; per group the class most of its rows have, ties:
+    the lower class index)."""
+    keys = [str(g) if g is not None else "" for g in groups]
+    if len(keys) != labels.shape[0]:
+        raise ValueError(f"groups must give one case key per row: got {len(keys)} keys for {labels.shape[0]} rows")
+    if any(not k for k in keys):
+        raise ValueError("every row needs a case key (an empty or missing group found)")
+    if not keys:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    names, group_of = np.unique(np.asarray(keys), return_inverse=True)
+    group_of = group_of.reshape(-1).astype(np.int64)
+    counts = np.zeros((names.size, int(labels.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (group_of, labels.astype(np.int64)), 1)
+    return group_of, counts.argmax(axis=1)
+
+
+def _group_picks(labels: np.ndarray, groups: Sequence[Any], n_resamples: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(per row its group index; the drawn group indices, ``(n_resamples, G)``, class blocks joined)."""
+    group_of, group_class = _group_index(labels, groups)
+    rng = np.random.default_rng(seed)
+    blocks = [np.empty((n_resamples, 0), dtype=np.int64)]
+    for c in np.unique(group_class):
+        members = np.flatnonzero(group_class == c)
+        blocks.append(members[rng.integers(0, members.size, size=(n_resamples, members.size))])
+    return group_of, np.concatenate(blocks, axis=1)
+
+
+def _rows_of_groups(group_of: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    order = np.argsort(group_of, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(group_of, minlength=n_groups))[:-1])
+
+
+def _cluster_weights(labels: np.ndarray, groups: Sequence[Any], n_resamples: int, seed: int) -> np.ndarray:
+    """``(n_resamples, N)``: how many times each row is in each cluster resample of
+    :func:`stratified_resamples` (the times its group was drawn)."""
+    group_of, picks = _group_picks(labels, groups, n_resamples, seed)
+    n_groups = picks.shape[1]
+    flat = (np.arange(n_resamples, dtype=np.int64)[:, None] * n_groups + picks).ravel()
+    counts = np.bincount(flat, minlength=n_resamples * n_groups).reshape(n_resamples, n_groups)
+    return counts.astype(np.int32)[:, group_of]  # a row is drawn at most N times: int32 halves the memory
+
+
+_CHUNK_CELLS = 1 << 22  # resample x image cells per block of the weighted AUC (bounds its temporaries)
+
+
+def _weighted_macro_aucs(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`macro_auc` of each resample given as row multiplicities ``weights`` ``(B, N)``: each
+    one-vs-rest AUC is the Mann-Whitney count of the resample's (positive, negative) pairs, ties counted
+    1/2, from integer sums (one rounding, as :func:`_resampled_macro_aucs`). NaN for a resample without a
+    positive or a negative of a scored class."""
+    classes = scored_classes(labels, probs)
+    n_resamples = weights.shape[0]
+    if not classes:
+        return np.full(n_resamples, np.nan)
+    total = np.zeros(n_resamples)
+    step = max(1, _CHUNK_CELLS // max(1, labels.size))
+    for k in classes:
+        order = np.argsort(probs[:, k], kind="stable")
+        score = probs[order, k]
+        starts = np.flatnonzero(np.r_[True, score[1:] != score[:-1]])  # one block per distinct score
+        positive = (labels == k)[order]
+        for b0 in range(0, n_resamples, step):
+            w = weights[b0:b0 + step][:, order].astype(np.int64)
+            pos = np.add.reduceat(w * positive, starts, axis=1)
+            neg = np.add.reduceat(w * ~positive, starts, axis=1)
+            below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each score
+            twice_u = (pos * (2 * below + neg)).sum(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                total[b0:b0 + step] += twice_u / (2.0 * pos.sum(axis=1) * neg.sum(axis=1))
+    return total / len(classes)
+
+
+class _Resampler:
+    """The resamples of one bootstrap (image or cluster), scoring any probabilities on them."""
+
+    def __init__(self, labels: np.ndarray, n_resamples: int, seed: int, groups: Sequence[Any] | None):
+        self.labels = labels
+        self.grouped = groups is not None
+        if self.grouped:
+            self.weights = _cluster_weights(labels, groups, n_resamples, seed)
+        else:
+            self.draws = stratified_resamples(labels, n_resamples, seed)
+
+    def aucs(self, probs: np.ndarray) -> np.ndarray:
+        if self.grouped:
+            return _weighted_macro_aucs(self.labels, probs, self.weights)
+        return _resampled_macro_aucs(self.labels, probs, self.draws)
+
+
+def resampling_unit(n_rows: int, groups: Sequence[Any] | None) -> tuple[str, int]:
+    """What the bootstrap resamples: ``("groups", number of distinct keys)`` with ``groups``, else
+    ``("images", n_rows)``."""
+    if groups is None:
+        return "images", int(n_rows)
+    return "groups", len({str(g) for g in groups})
 
 
 def _resampled_macro_aucs(labels: np.ndarray, probs: np.ndarray, draws: np.ndarray) -> np.ndarray:
@@ -149,16 +272,20 @@ def _resampled_macro_aucs(labels: np.ndarray, probs: np.ndarray, draws: np.ndarr
     return total / len(classes)
 
 
-def bootstrap_macro_aucs(labels: Any, probs: Any, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_macro_aucs(labels: Any, probs: Any, n_resamples: int = 1000, seed: int = 0,
+                         groups: Sequence[Any] | None = None) -> np.ndarray:
     """:func:`macro_auc` of each :func:`stratified_resamples` resample, shape ``(n_resamples,)``.
 
     Each one-vs-rest AUC is computed exactly as a Mann-Whitney count,
     ``(2 * #{pos > neg} + #{pos == neg}) / (2 * n_pos * n_neg)`` (one rounding), from tie-averaged
     ranks, all resamples at once. It equals sklearn's trapezoidal AUC up to floating-point rounding
-    (~1e-16). All NaN when fewer than two classes are present.
+    (~1e-16). All NaN when fewer than two classes are present. With ``groups``, the cluster resamples
+    (whole groups drawn; see :func:`stratified_resamples`), scored from each row's multiplicity; a
+    resample that lost every positive or negative of a scored class (possible only when a class is
+    never a group's majority) is NaN.
     """
     labels, probs = check_scores(labels, probs)
-    return _resampled_macro_aucs(labels, probs, stratified_resamples(labels, n_resamples, seed))
+    return _Resampler(labels, _positive_int(n_resamples), seed, groups).aucs(probs)
 
 
 def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -174,41 +301,49 @@ def _check_level(level: float) -> None:
 
 
 def bootstrap_auc_ci(labels: Any, probs: Any, n_resamples: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float]:
+                     level: float = 0.95, groups: Sequence[Any] | None = None) -> tuple[float, float]:
     """Stratified bootstrap percentile confidence interval of :func:`macro_auc`.
 
     The bounds are the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles (numpy's default linear
     interpolation) of :func:`bootstrap_macro_aucs`; the resamples come from
     ``np.random.default_rng(seed)`` (:func:`stratified_resamples`), so the interval is reproducible.
-    ``(nan, nan)`` when fewer than two classes are present.
+    ``(nan, nan)`` when fewer than two classes are present. With ``groups`` (a case key per image), the
+    cluster bootstrap: whole groups (patients) are resampled.
     """
     _check_level(level)
-    return _interval(bootstrap_macro_aucs(labels, probs, n_resamples=n_resamples, seed=seed), level)
+    return _interval(bootstrap_macro_aucs(labels, probs, n_resamples=n_resamples, seed=seed, groups=groups),
+                     level)
 
 
 def paired_bootstrap(labels: Any, probs_a: Any, probs_b: Any | None = None, *, classes: Sequence[str],
-                     n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+                     n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                     groups: Sequence[Any] | None = None) -> dict[str, Any]:
     """Percentile CI of model a's macro AUC; with ``probs_b``, also of the difference a - b and a
     two-sided p-value (twice the smaller share of resampled differences on either side of 0).
 
     Both models are scored on the same :func:`stratified_resamples` (paired), so ``ci_low`` and
     ``ci_high`` are exactly :func:`bootstrap_auc_ci` of model a for the same ``n_resamples``, ``seed``
-    and ``level``. ``classes`` names the probability columns. Returns ``ci_low``, ``ci_high``,
-    ``n_resamples`` and ``seed``; with ``probs_b`` also ``diff_ci_low``, ``diff_ci_high`` and ``p``.
+    and ``level``. ``classes`` names the probability columns. With ``groups`` (a case key per image) both
+    models are scored on the same cluster resamples (whole patients drawn; :func:`stratified_resamples`).
+    Returns ``ci_low``, ``ci_high``, ``n_resamples``, ``seed``, ``unit`` (``"images"`` or ``"groups"``:
+    what was resampled) and ``n_units`` (how many of them); with ``probs_b`` also ``diff_ci_low``,
+    ``diff_ci_high`` and ``p``.
     """
     _check_level(level)
     labels, probs_a = check_scores(labels, probs_a)
     if len(classes) != probs_a.shape[1]:
         raise ValueError(f"got {len(classes)} class names for {probs_a.shape[1]} probability columns")
-    draws = stratified_resamples(labels, n_resamples, seed)
-    aucs = _resampled_macro_aucs(labels, probs_a, draws)
+    resampler = _Resampler(labels, _positive_int(n_resamples), seed, groups)
+    aucs = resampler.aucs(probs_a)
     lo, hi = _interval(aucs, level)
-    out: dict[str, Any] = {"ci_low": lo, "ci_high": hi, "n_resamples": int(n_resamples), "seed": seed}
+    unit, n_units = resampling_unit(labels.size, groups)
+    out: dict[str, Any] = {"ci_low": lo, "ci_high": hi, "n_resamples": int(n_resamples), "seed": seed,
+                           "unit": unit, "n_units": n_units}
     if probs_b is not None:
         _, probs_b = check_scores(labels, probs_b)
         if probs_b.shape != probs_a.shape:
             raise ValueError(f"probs_b has shape {probs_b.shape}, probs_a {probs_a.shape}")
-        d = aucs - _resampled_macro_aucs(labels, probs_b, draws)
+        d = aucs - resampler.aucs(probs_b)
         d_lo, d_hi = _interval(d, level)
         p = math.nan if np.isnan(d).any() else float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
         out.update({"diff_ci_low": d_lo, "diff_ci_high": d_hi, "p": p})
@@ -216,7 +351,8 @@ def paired_bootstrap(labels: Any, probs_a: Any, probs_b: Any | None = None, *, c
 
 
 def paired_bootstrap_over_draws(labels: Any, probs_a: Sequence[Any], probs_b: Sequence[Any], *,
-                                n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+                                n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                                groups: Sequence[Any] | None = None) -> dict[str, Any]:
     """The mean over draws of model a's macro AUC minus model b's, when draw ``k`` of a and draw ``k`` of b were
     trained on the same images and every draw is tested on the same images (``labels``): its percentile CI and
     a two-sided p-value, resampling both the draws and the test images.
@@ -228,9 +364,11 @@ def paired_bootstrap_over_draws(labels: Any, probs_a: Sequence[Any], probs_b: Se
     replacement from ``np.random.default_rng([seed, 1])``; its value is the mean, over the drawn draws, of the
     paired difference of macro AUCs on the resampled images. With one draw only the images are resampled.
     The p-value is twice the smaller share of resampled values on either side of 0 (as
-    :func:`paired_bootstrap`). Returns ``diff`` (the observed mean difference), ``diffs`` (per draw),
-    ``diff_ci_low``, ``diff_ci_high``, ``p``, ``n_draws``, ``n_resamples`` and ``seed``; NaN where an AUC is
-    undefined (fewer than two classes in ``labels``).
+    :func:`paired_bootstrap`). With ``groups`` (a case key per test image) the test images are resampled as
+    whole groups (the cluster resamples of :func:`stratified_resamples`), the same for every draw. Returns
+    ``diff`` (the observed mean difference), ``diffs`` (per draw), ``diff_ci_low``, ``diff_ci_high``, ``p``,
+    ``n_draws``, ``n_resamples``, ``seed``, ``unit`` and ``n_units`` (as :func:`paired_bootstrap`); NaN where
+    an AUC is undefined (fewer than two classes in ``labels``).
     """
     _check_level(level)
     if len(probs_a) != len(probs_b) or not len(probs_a):
@@ -242,10 +380,9 @@ def paired_bootstrap_over_draws(labels: Any, probs_a: Sequence[Any], probs_b: Se
     if any(x.shape != a[0].shape for x in a + b):
         raise ValueError("every draw's probabilities need the same shape")
     n_resamples = _positive_int(n_resamples)
-    images = stratified_resamples(labels, n_resamples, seed)
+    images = _Resampler(labels, n_resamples, seed, groups)
     # (D, B): each draw's paired AUC difference on each image resample
-    resampled = np.stack([_resampled_macro_aucs(labels, pa, images) - _resampled_macro_aucs(labels, pb, images)
-                          for pa, pb in zip(a, b)])
+    resampled = np.stack([images.aucs(pa) - images.aucs(pb) for pa, pb in zip(a, b)])
     diffs = np.array([macro_auc(labels, pa) - macro_auc(labels, pb) for pa, pb in zip(a, b)])
     n_draws = len(a)
     if n_draws > 1:
@@ -256,8 +393,10 @@ def paired_bootstrap_over_draws(labels: Any, probs_a: Sequence[Any], probs_b: Se
     lo, hi = _interval(values, level)
     p = math.nan if np.isnan(values).any() else float(min(1.0, 2 * min((values <= 0).mean(),
                                                                         (values >= 0).mean())))
+    unit, n_units = resampling_unit(labels.size, groups)
     return {"diff": float(diffs.mean()), "diffs": [float(d) for d in diffs], "diff_ci_low": lo,
-            "diff_ci_high": hi, "p": p, "n_draws": n_draws, "n_resamples": n_resamples, "seed": seed}
+            "diff_ci_high": hi, "p": p, "n_draws": n_draws, "n_resamples": n_resamples, "seed": seed,
+            "unit": unit, "n_units": n_units}
 
 
 # --------------------------------------------------------------------------------------------- DeLong

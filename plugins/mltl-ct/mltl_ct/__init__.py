@@ -9,6 +9,10 @@ chain its own ``seed``: images of one seed and class are identical across stages
 files and series or NIfTI volumes, windowed with the presets and custom windows of :mod:`mltl_ct.windows`
 (several windows stack as channels). pydicom and nibabel are imported only when those domains are used:
 ``pip install "mltl-ct[dicom,nifti]"``. See docs/data.md.
+
+``covid-ct`` (:mod:`mltl_ct.covid`): the public COVID-CT chest CT set (UCSD-AI4H/COVID-CT), classes ``non-covid``
+and ``covid``, grouped by patient from its metadata CSVs, with its official patient-disjoint split
+(``split = "official"``) or none (``split = "none"``).
 """
 
 from __future__ import annotations
@@ -87,8 +91,10 @@ def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images
 @hookimpl
 def register_domains(register):
     register("ct-phantom", ct_phantom_domain)
+    from .covid import covid_ct_domain
     from .dicom import dicom_domain
     from .nifti import nifti_domain
 
     register("dicom", dicom_domain)
     register("nifti", nifti_domain)
+    register("covid-ct", covid_ct_domain)

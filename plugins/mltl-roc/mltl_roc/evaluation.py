@@ -19,8 +19,8 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, brier_scor
 
 from mltl import bootstrap_auc_ci, check_scores, macro_auc
 
-__all__ = ["image_metrics", "case_level", "calibration", "operating_points", "parse_operating_point",
-           "CASE_AGGREGATES", "N_BINS"]
+__all__ = ["image_metrics", "macro_auc_ci", "bootstrap_note", "case_level", "calibration", "operating_points",
+           "parse_operating_point", "CASE_AGGREGATES", "N_BINS"]
 
 CASE_AGGREGATES = ("mean", "max")
 N_BINS = 10
@@ -77,6 +77,34 @@ def image_metrics(labels: Any, probs: Any, classes: Sequence[str]) -> dict[str, 
     return out
 
 
+def bootstrap_note(n_units: int, *, grouped: bool, level: float = 0.95, word: str = "patients") -> str:
+    """What a bootstrap CI resampled, for report text: ``"95% CI, bootstrap over 187 patients"`` (whole
+    groups resampled, ``grouped``) or ``"95% CI, bootstrap over 203 images"``."""
+    return f"{level:.0%} CI, bootstrap over {n_units} {word if grouped else 'images'}"
+
+
+def macro_auc_ci(labels: Any, probs: Any, *, groups: Sequence[str] | None = None, n_resamples: int = 1000,
+                 seed: int = 0, level: float = 0.95, word: str = "patients") -> dict[str, Any]:
+    """The bootstrap percentile CI of the macro AUC (:func:`mltl.bootstrap_auc_ci`), and what it resampled.
+
+    With ``groups`` (a case key per image, e.g. :attr:`mltl.Predictions.groups`) the cluster bootstrap:
+    whole cases (patients) are drawn with replacement, stratified by their majority class, so images of one
+    patient never count as independent evidence; without, the class-stratified image bootstrap. Returns
+    ``auc_macro_ci95`` ``[lo, hi]`` (NaN with fewer than two classes present), ``ci_unit`` (``word`` or
+    ``"images"``), ``ci_n_units`` and ``ci_note`` (:func:`bootstrap_note`).
+    """
+    labels, probs = check_scores(labels, probs)
+    grouped = groups is not None
+    n_units = len({str(g) for g in groups}) if grouped else int(labels.size)
+    if np.unique(labels).size >= 2:
+        lo, hi = bootstrap_auc_ci(labels, probs, n_resamples=n_resamples, seed=seed, level=level,
+                                  groups=list(groups) if grouped else None)
+    else:
+        lo = hi = math.nan
+    return {"auc_macro_ci95": [lo, hi], "ci_unit": word if grouped else "images", "ci_n_units": n_units,
+            "ci_note": bootstrap_note(n_units, grouped=grouped, level=level, word=word)}
+
+
 def case_level(groups: Sequence[str], labels: Any, probs: Any, classes: Sequence[str], *,
                aggregate: Literal["mean", "max"] = "mean", n_resamples: int = 1000,
                seed: int = 0) -> dict[str, Any]:
@@ -87,7 +115,9 @@ def case_level(groups: Sequence[str], labels: Any, probs: Any, classes: Sequence
     its images' label; a case whose images carry different labels gets the most frequent one (ties: the
     lower class index) and is counted in ``n_mixed_label_cases``. Cases are listed in order of first
     appearance. The case AUC's 95% CI is the stratified bootstrap over cases
-    (:func:`mltl.bootstrap_auc_ci`, the bootstrap ``mltl compare`` uses).
+    (:func:`mltl.bootstrap_auc_ci`, the bootstrap ``mltl compare`` uses); one row per case, so it resamples
+    cases, as the cluster bootstrap of the image AUC does (:func:`macro_auc_ci` with ``groups``);
+    ``ci_note`` says so.
     """
     if aggregate not in CASE_AGGREGATES:
         raise ValueError(f"aggregate must be one of {CASE_AGGREGATES}, got {aggregate!r}")
@@ -122,6 +152,7 @@ def case_level(groups: Sequence[str], labels: Any, probs: Any, classes: Sequence
         "n_mixed_label_cases": mixed,
         "case_label_rule": "the label of the case's images; the most frequent one when they differ",
         "auc_macro_ci95": [lo, hi],
+        "ci_note": bootstrap_note(len(order), grouped=True),
         "cases": {"keys": list(order), "labels": case_labels, "probs": case_probs_a.tolist()},
     })
     return out

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_curve
 
 from mltl import check_scores, write_bytes_atomic
 
-__all__ = ["roc_curves", "plot_roc"]
+__all__ = ["roc_curves", "plot_roc", "macro_legend"]
 
 
 # --------------------------------------------------------------------------------------------- curves
@@ -107,6 +107,21 @@ def roc_curves(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) ->
 
 
 # -------------------------------------------------------------------------------------------- figures
+
+
+def macro_legend(ci: Sequence[float], note: str = "") -> str:
+    """The :func:`plot_roc` legend template of a macro curve with its CI and what the bootstrap resampled:
+    ``"macro average: AUC {auc:.2f} (95% CI 0.81–0.92, bootstrap over 187 patients)"`` for ``note``
+    ``"95% CI, bootstrap over 187 patients"`` (:func:`mltl_roc.evaluation.bootstrap_note`); without a note,
+    ``"(95% CI 0.81–0.92)"``. A NaN bound (no CI defined) leaves the CI out."""
+    lo, hi = (float(x) for x in ci)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "macro average: AUC {auc:.2f}"
+    head, _, rest = str(note).partition(",")
+    if not rest:  # no "<level> CI," head: the note, if any, follows the bounds
+        head, rest = "95% CI", (" " + str(note).strip() if str(note).strip() else "")
+    text = f"({head} {lo:.2f}–{hi:.2f}{',' + rest if rest else ''})"
+    return "macro average: AUC {auc:.2f} " + text.replace("{", "{{").replace("}", "}}")
 
 
 def _legend_text(label: str, name: str, n_curves: int, auc_value: float) -> str:
