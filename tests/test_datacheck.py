@@ -283,7 +283,7 @@ def test_every_finding_says_how_to_fix_it(leaky, tmp_path, capsys):
     assert "stage intermediate" in fixes["leak-stages"]
     assert cli.main(["data", "check", str(leaky())]) == 3
     out = capsys.readouterr().out
-    assert "how to fix" in out and "allow_leakage" in out
+    assert "how to fix:" in out and "allow_leakage" in out
     # a folder: duplicates across classes and a class too small, each with its remedy
     folder = noise_folder(tmp_path / "folder", ["a", "b"], 6, 3)
     shutil.copy(folder / "a" / "a0.png", folder / "b" / "copy.png")

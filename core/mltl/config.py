@@ -178,6 +178,8 @@ class RunSection:
     reporter_options: dict[str, Any] = attrs.field(factory=dict, metadata=doc('Options per reporter, e.g. { evaluation = { case_aggregate = "max" }, roc = { n_resamples = 2000 } }; checked against the reporter\'s own options (`mltl plugins` lists the reporters).'))
     device_memory_budget_gb: float | None = attrs.field(default=None, validator=_positive, metadata=doc("A domain whose decoded images (at the input size) exceed this stays in host memory and is streamed to the device in batches; default: half the free CUDA memory (on the CPU: the host budget)."))
     host_memory_budget_gb: float | None = attrs.field(default=None, validator=_positive, metadata=doc("Streamed images are prepared once in host memory when they fit this, else read and resized per batch from the domain's (possibly memory-mapped) array; default: half the available memory."))
+    baseline: Literal["none", "scratch"] = attrs.field(default="none", metadata=doc('"scratch": also train the last stage from scratch (a stage <last>-scratch: the first stage\'s backbone, randomly initialised, with the last stage\'s head, training settings, protocol and the very same splits); the report and the console then open with the chain against it on the same test images (both AUCs, the paired 95% CI of their difference). "none" (default): no baseline. See docs/evaluation.md.'))
+    keep: Literal["selected", "all"] = attrs.field(default="selected", metadata=doc('What the run folder keeps once a stage\'s record is on disk: "selected" (default: the model of each stage, of each repeat and the final model; sweep variants keep their histories and records, not their weights; finished checkpoints are removed) or "all" (every sweep variant\'s weights too).'))
 
     @device.validator
     def _device(self, attribute, value) -> None:
@@ -223,6 +225,7 @@ class SplitConfig:
     seeds: int = attrs.field(default=1, validator=[_positive, _repeats], metadata=doc('"holdout": train this many times with different seeds on the same split and report mean +/- SD.'))
     file: str | None = attrs.field(default=None, metadata=doc("A splits.csv from an earlier run (columns id, split): reuse that exact assignment (holdout only); relative to the working directory."))
     group_near_duplicates: bool = attrs.field(default=False, metadata=doc("Keep exact and near-duplicate images (e.g. neighbouring slices of one scan, for data without patient ids) in one split: their groups are merged into the domain's patient groups. See docs/data-check.md."))
+    final_model: bool = attrs.field(default=True, metadata=doc("After a repeated protocol (kfold, fractions, seeds > 1) has measured the stage: also train a final model on all of its non-test data (kfold: every image; otherwise train + val of the holdout split), with the variant selected most often on validation, for the median of the repeats' best epochs; mltl predict, mltl export and the next stage use it (STAGE/final/). false: they use the representative repeat's model. The stage's numbers come from the repeats either way. See docs/evaluation.md."))
     allow_leakage: bool = attrs.field(default=False, metadata=doc("Run even when duplicate images straddle this stage's splits, or join an earlier stage's training images with this stage's validation/test images (otherwise `mltl run` stops; see docs/data-check.md)."))
 
     @folds.validator
@@ -303,6 +306,9 @@ class Config:
     stages: tuple[Stage, ...]
     source: str  # the file it came from, for messages
     raw: dict[str, Any]  # the TOML after overrides, written to the run directory
+    # [run] baseline = "scratch": the last stage trained from scratch (scratch_stage), planned and run beside the
+    # chain (mltl.running.preflight.prepare) but not one of its stages: nothing inherits from it
+    baseline: Stage | None = None
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -422,7 +428,81 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
         stage = _parse_stage(raw_stage, key, source)
         _check_chain(stage, stages, key, source)
         stages.append(stage)
-    return Config(run=run, input=inp, stages=tuple(stages), source=source, raw=raw)
+    baseline = _baseline(raw, stages, source) if run.baseline == "scratch" else None
+    return Config(run=run, input=inp, stages=tuple(stages), source=source, raw=raw, baseline=baseline)
+
+
+def effective_head(raw_stages: list[dict[str, Any]], index: int) -> Any:
+    """The raw head table stage ``index`` ends up with: its own, or the one it inherits down its init chain
+    (None: the backbone's default head)."""
+    by_name = {s.get("name"): s for s in raw_stages}
+    stage: dict[str, Any] | None = raw_stages[index]
+    seen = set()
+    while stage is not None and id(stage) not in seen:
+        seen.add(id(stage))
+        if "head" in stage:
+            return copy.deepcopy(stage["head"])
+        init = stage.get("init")
+        stage = by_name.get(init) if isinstance(init, str) else None
+    return None
+
+
+def scratch_stage(raw_stages: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
+    """The raw table of the last stage trained from scratch: the first stage's backbone (new, randomly
+    initialised: no ``init``, nothing frozen, and without its pretrained-weight options ``weights``,
+    ``pretrained``, so an ImageNet-started chain is compared with a truly untrained network), the head the last stage ends up with, and everything else of the
+    last stage (domain, split, training, select_by). ``name``: default the last stage's own. ``mltl compare``'s
+    scratch chain and ``[run] baseline = "scratch"`` both use it."""
+    first, last = raw_stages[0], raw_stages[-1]
+    out = {k: copy.deepcopy(v) for k, v in last.items() if k not in ("init", "freeze", "head", "backbone")}
+    out["backbone"] = _without_weights(copy.deepcopy(first["backbone"]))
+    head = effective_head(raw_stages, len(raw_stages) - 1)
+    if head is not None:
+        out["head"] = head
+    if name is not None:
+        out["name"] = name
+    return out
+
+
+#: backbone options that load trained weights; a scratch stage drops them (a randomly initialised network)
+WEIGHT_OPTIONS = ("weights", "pretrained", "allow_download")
+
+
+def _without_weights(backbone: Any) -> Any:
+    """A backbone table (or a sweep of them) without the options that load pretrained weights."""
+    if isinstance(backbone, dict):
+        if "sweep" in backbone:
+            return {**backbone, "sweep": [_without_weights(b) for b in backbone["sweep"]]}
+        return {k: v for k, v in backbone.items() if k not in WEIGHT_OPTIONS}
+    return backbone
+
+
+BASELINE_SUFFIX = "-scratch"
+
+
+def baseline_name(raw: dict[str, Any]) -> str | None:
+    """The stage name of the run's baseline (``<last stage>-scratch``), or None without ``[run] baseline``."""
+    run, stages = raw.get("run") or {}, raw.get("stages") or []
+    if not isinstance(run, dict) or run.get("baseline") != "scratch" or not stages:
+        return None
+    return f"{stages[-1].get('name')}{BASELINE_SUFFIX}"
+
+
+def _baseline(raw: dict[str, Any], stages: list[Stage], source: str) -> Stage:
+    if len(stages) < 2:
+        raise ConfigError('baseline = "scratch" compares a chain with its last stage trained from scratch; this '
+                          "chain has one stage, which is already trained from scratch", key="run.baseline",
+                          source=source)
+    name = baseline_name(raw)
+    if name in {s.name for s in stages}:
+        raise ConfigError(f'baseline = "scratch" adds a stage named "{name}", which the chain already has; rename '
+                          f"that stage", key="run.baseline", source=source)
+    table = scratch_stage(raw["stages"], name)
+    split = table.get("split", {})
+    if isinstance(split, dict) and "sweep" not in split and "final_model" in attrs.fields_dict(SplitConfig):
+        table["split"] = {**split, "final_model": False}  # nothing starts from the baseline, nor serves it
+    # the key of a message about it: run.baseline (e.g. run.baseline.name when <last>-scratch is too long)
+    return _parse_stage(table, "run.baseline", source)
 
 
 def _check_chain(stage: Stage, earlier: list[Stage], key: str, source: str) -> None:

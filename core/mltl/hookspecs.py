@@ -128,10 +128,10 @@ def mltl_report_run(results, run_dir):
 def mltl_comparison_figures(chains, out_dir):
     """Draw figures for ``mltl compare`` into ``out_dir``; return them as :class:`mltl.Figure` blocks.
 
-    ``chains``: one :class:`mltl.running.compare.ChainScores` per compared chain, in table order: its name, the
+    ``chains``: one :class:`mltl.evaluation.difference.ChainScores` per compared chain, in table order: its name, the
     target predictions it is judged on (the same images for every chain) and the 95% CI of their macro
     AUC printed in ``comparison.md``; for a target repeated over training fractions, also ``fractions``:
-    one :class:`mltl.running.compare.FractionScores` per fraction (ascending: the fraction, the mean number of
+    one :class:`mltl.evaluation.difference.FractionScores` per fraction (ascending: the fraction, the mean number of
     training images, every draw's test macro AUC in draw order; draw k trained on the same images in every
     chain), empty otherwise. The figures follow the tables in ``comparison.md`` and ``comparison.html``.
     """

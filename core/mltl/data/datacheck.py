@@ -668,6 +668,12 @@ def _report(kind: str, target: str, summaries: list[dict[str, Any]], units: list
     }
 
 
+def _with_fix(finding: dict[str, Any]) -> Any:
+    from rich.text import Text  # plain text: a file name or fix with [brackets] is not rich markup
+
+    return Text(finding["message"] + (f"\nhow to fix: {finding['fix']}" if finding.get("fix") else ""))
+
+
 def render(report: dict[str, Any], console: Any = None, *, max_rows: int = 15) -> None:
     """The report as rich tables."""
     from rich.console import Console
@@ -720,12 +726,11 @@ def render(report: dict[str, Any], console: Any = None, *, max_rows: int = 15) -
         pt.add_column("")
         pt.add_column("kind")
         pt.add_column("stage")
-        pt.add_column("finding", overflow="fold")
-        pt.add_column("how to fix", overflow="fold")
+        pt.add_column("finding, and how to fix it", overflow="fold")
         for p in report["problems"]:
-            pt.add_row("[red]problem[/red]", p["kind"], p.get("stage", ""), p["message"], p.get("fix", ""))
+            pt.add_row("[red]problem[/red]", p["kind"], p.get("stage", ""), _with_fix(p))
         for w in report["warnings"]:
-            pt.add_row("[yellow]warning[/yellow]", w["kind"], w.get("stage", ""), w["message"], w.get("fix", ""))
+            pt.add_row("[yellow]warning[/yellow]", w["kind"], w.get("stage", ""), _with_fix(w))
         console.print(pt)
     verdict = ("[green]OK[/green]: nothing found that would corrupt an evaluation" if report["ok"] else
                f"[red]{len(report['problems'])} problem(s)[/red] that would corrupt an evaluation")

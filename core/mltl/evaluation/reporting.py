@@ -62,7 +62,11 @@ class ConsoleReporter:
     Quiet when ``MLTL_QUIET`` is set (the CLI's ``-q``); with ``NO_COLOR`` set, plain lines as into a pipe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, summary: Any = None) -> None:
+        # summary(run_dir, config_raw, results) -> (lines, blocks): the report's first screen
+        # (mltl.evaluation.report.headline, passed in by the runner), printed at the end of the run
+        self.summary = summary
+        self.config_raw: dict[str, Any] = {}
         self.quiet = bool(os.environ.get("MLTL_QUIET"))
         # live bars need cursor-control escape codes: not under NO_COLOR, nor into a pipe or file
         self.live = sys.stderr.isatty() and not self.quiet and not os.environ.get("NO_COLOR")
@@ -72,6 +76,9 @@ class ConsoleReporter:
     def _print(self, text: str) -> None:
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
+
+    def run_started(self, config: Any, run_dir: Path) -> None:
+        self.config_raw = dict(getattr(config, "raw", None) or {})
 
     def stage_started(self, stage_name: str, stage_dir: Path) -> None:
         self._print(f"[{stage_name}] started -> {stage_dir}")
@@ -109,24 +116,35 @@ class ConsoleReporter:
         if proto:
             self._print(f"[{result.name}] {protocol_line(proto)}")
         else:
-            self._print(f"[{result.name}] test AUC {fmt(m['auc_macro'])}, accuracy {fmt(m['accuracy'])}, "
-                        f"n={m['n_test']}{chosen}")
+            self._print(f"[{result.name}] test split ({m['n_test']} images): AUC {fmt(m['auc_macro'])}, "
+                        f"accuracy {fmt(m['accuracy'])}{chosen}")
 
     def run_finished(self, results: list[StageResult], run_dir: Path) -> None:
-        self._print(f"run finished: {RunFiles(run_dir).report_md}")
+        """The run's result in three plain lines (those at the top of the report): the result with its CI, what
+        a reader may conclude, where the report is."""
+        if self.quiet or self.summary is None:
+            return
+        try:
+            lines, _ = self.summary(run_dir, self.config_raw, results)
+        except Exception as exc:  # noqa: BLE001 -- the summary must not fail a finished run; the report says more
+            lines = [f"run finished (no summary: {type(exc).__name__}: {exc})", f"Report: {RunFiles(run_dir).report_md}"]
+        self._print("\n".join(["", "run finished.", *lines]))
 
 
 def protocol_line(proto: dict[str, Any]) -> str:
-    """One line for a repeated stage: test AUC and accuracy as mean +/- SD over its repeats."""
+    """One line for a repeated stage, each number with its level: mean +/- SD of the test AUC and accuracy over
+    its repeats (each on its own test split), and for k-fold the pooled out-of-fold AUC and accuracy."""
     def ms(d: dict[str, Any]) -> str:
         return f"{fmt(d['mean'])} +/- {fmt(d['sd'])}" if d.get("sd") is not None else fmt(d.get("mean"))
 
     what = {"kfold": "folds", "fractions": "draws", "holdout": "seeds"}[proto["name"]]
     at = f" at {proto['headline']}" if proto.get("headline") else ""
-    text = (f"test AUC {ms(proto['auc_macro'])}, accuracy {ms(proto['accuracy'])} over "
-            f"{proto['auc_macro']['n']} {what}{at}")
+    text = (f"mean +/- SD over {proto['auc_macro']['n']} {what}{at}: test AUC {ms(proto['auc_macro'])}, "
+            f"accuracy {ms(proto['accuracy'])}")
     if proto.get("pooled"):
-        text += f"; pooled out-of-fold AUC {fmt(proto['pooled']['auc_macro'])} (n={proto['pooled']['n']})"
+        pooled = proto["pooled"]
+        text += (f"; pooled out-of-fold ({pooled['n']} images, each tested once): AUC {fmt(pooled['auc_macro'])}, "
+                 f"accuracy {fmt(pooled.get('accuracy'))}")
     return text
 
 

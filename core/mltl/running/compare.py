@@ -3,16 +3,22 @@
 From a chain config (at least two stages), ``mltl compare`` derives and runs:
 
 - ``scratch``: the last stage alone, from a freshly initialised copy of the first stage's backbone
-  (nothing frozen);
+  (nothing frozen; :func:`mltl.config.scratch_stage`, which ``[run] baseline = "scratch"`` uses too);
 - ``single-stage``: the first stage, then the last stage started from it;
 - ``multi-stage``: the chain as written (skipped when it has only two stages: it is the single-stage one).
 
 The last stage keeps its domain, split, seed, training settings and head in all three, so every chain is
-tested on the same test images. The table gives each chain's test macro AUC with a 95% CI (paired,
-class-stratified bootstrap), accuracy, and the test of its difference from the full chain: DeLong's test
-for a binary target, the paired bootstrap for a multi-class macro AUC. A k-fold target (the default for a
-small last stage) is judged on its pooled out-of-fold predictions, every image once, and the table adds
-the mean +/- SD over folds.
+tested on the same test images. A stage the chains share (the first stage of single- and multi-stage) is
+trained once: a later chain copies it from an earlier chain of the comparison (``mltl.run(reuse=...)``).
+
+The table gives each chain's test macro AUC with a 95% CI (class-stratified bootstrap; whole cases resampled
+when the domain has patient / study groups), accuracy, and its difference from the reference (the full chain)
+with a paired 95% CI and p, and one plain sentence per chain says whether the difference is clear (its CI
+excludes 0): :func:`paired_difference` and :func:`verdict`, which the run report's first screen uses too.
+Every target protocol is judged at one level, named in the table: a single split on its test images (p:
+DeLong's test for a binary target without groups, else the paired bootstrap); a k-fold target (the default
+for a small last stage) on its pooled out-of-fold predictions, every image once; repeated seeds as the mean
+over the seeds, paired seed by seed (:func:`mltl.evaluation.stats.paired_bootstrap_over_draws`).
 
 A target repeated over training fractions (``split.protocol = "fractions"``, Samala et al.'s protocol) is
 also judged at every fraction (:func:`fraction_comparison`): each chain's test AUC over its draws (mean +/-
@@ -33,22 +39,20 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..config import Config, load_config, parse_config
+from ..config import Config, effective_head, load_config, parse_config, scratch_stage
 from ..errors import UserError
 from ..evaluation import report
 from ..evaluation.metrics import classification_metrics
 from ..evaluation.report import Block, Figure, Heading, Para, Table, render_markdown
+from ..evaluation.difference import ChainScores, FractionScores, Judged, aligned, judged, paired_difference, verdict
 from ..evaluation.results import Predictions, StageResult
-from ..evaluation.stats import delong_test, macro_auc, paired_bootstrap, paired_bootstrap_over_draws
-from ..plugins import hooks
-from .rundir import (
-    RunFiles,
-    StageFiles,
-    choose_run_dir,
-    read_predictions,
-    write_json_atomic,
-    write_text_atomic,
+from ..evaluation.stats import (
+    macro_auc,
+    paired_bootstrap,
+    paired_bootstrap_over_draws,
 )
+from ..plugins import hooks
+from .rundir import RunFiles, StageFiles, choose_run_dir, read_predictions, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from .chain import RunResult
@@ -68,17 +72,6 @@ class Comparison:
     fractions: tuple[dict[str, Any], ...] = ()
 
 
-def _effective_head(stages: list[dict[str, Any]], index: int) -> dict[str, Any] | None:
-    """The head table the last stage ends up with: its own, or the one it inherits down the init chain."""
-    by_name = {s["name"]: s for s in stages}
-    stage = stages[index]
-    while stage is not None:
-        if "head" in stage:
-            return copy.deepcopy(stage["head"])
-        stage = by_name.get(stage.get("init", ""))
-    return None
-
-
 def chains(config: Config) -> dict[str, dict[str, Any]]:
     """The raw configs of the chains to compare, by name."""
     raw = config.raw
@@ -88,14 +81,9 @@ def chains(config: Config) -> dict[str, dict[str, Any]]:
     first, last = stages[0], stages[-1]
     if "backbone" not in first:
         raise UserError(f"{config.source}: stages[0] needs a backbone for mltl compare")
-    head = _effective_head(stages, len(stages) - 1)
+    head = effective_head(stages, len(stages) - 1)
     out: dict[str, dict[str, Any]] = {}
-
-    scratch_target = {k: copy.deepcopy(v) for k, v in last.items() if k not in ("init", "freeze", "head")}
-    scratch_target["backbone"] = copy.deepcopy(first["backbone"])
-    if head is not None:
-        scratch_target["head"] = head
-    out["scratch"] = {**copy.deepcopy(raw), "stages": [scratch_target]}
+    out["scratch"] = {**copy.deepcopy(raw), "stages": [scratch_stage(stages)]}
 
     single_target = {k: copy.deepcopy(v) for k, v in last.items() if k != "head"}
     single_target["init"] = first["name"]
@@ -105,7 +93,8 @@ def chains(config: Config) -> dict[str, dict[str, Any]]:
     if len(stages) > 2:
         out["multi-stage"] = copy.deepcopy(raw)
     for name, r in out.items():
-        r["run"] = {k: v for k, v in r["run"].items() if k != "out"}
+        # [run] baseline is what the scratch chain is: not trained again inside every chain
+        r["run"] = {k: v for k, v in r["run"].items() if k not in ("out", "baseline")}
         r["run"]["name"] = f"{raw['run']['name']}-{name}"
     return out
 
@@ -144,37 +133,15 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
             raise UserError(f"--reuse {reuse}: neither a comparison folder (with scratch/, single-stage/, ..) nor "
                             f"an mltl run directory (no config.toml); name a folder that mltl compare or "
                             f"mltl run wrote")
-    # with resume, each chain continues its own run directory (finished stages reused, as mltl run --resume)
-    results = {name: run(cfg, out=out_dir / name, device=device,
-                         resume=resume and RunFiles(out_dir / name).config.is_file(), reuse=earlier[name])
-               for name, cfg in derived.items()}
+    # with resume, each chain continues its own run directory (finished stages reused, as mltl run --resume);
+    # an upstream stage the chains share (single- and multi-stage's first stage) is trained once: a later chain
+    # copies it from an earlier chain of this comparison (same data, settings and upstream stages, see mltl.run)
+    results: dict[str, RunResult] = {}
+    for name, cfg in derived.items():
+        here = [out_dir / done for done in results]
+        results[name] = run(cfg, out=out_dir / name, device=device,
+                            resume=resume and RunFiles(out_dir / name).config.is_file(), reuse=earlier[name] + here)
     return write_comparison(out_dir, results, n_resamples=n_resamples, seed=config.run.seed)
-
-
-@attrs.frozen
-class FractionScores:
-    """One chain's target at one training fraction: every draw's test macro AUC, in draw order (NaN where
-    undefined), and the mean number of training images over the draws."""
-
-    fraction: float
-    n_train: float
-    aucs: tuple[float, ...]
-
-
-@attrs.frozen(eq=False)
-class ChainScores:
-    """One chain's target as the comparison judges it, handed to ``mltl_comparison_figures`` hooks.
-
-    ``predictions``: the target's test predictions (pooled out-of-fold for a k-fold target), the same
-    images in the same order for every chain; ``auc_ci95``: the 95% CI of their macro AUC, as printed;
-    ``fractions``: for a target repeated over training fractions, one :class:`FractionScores` per fraction
-    (ascending), else empty.
-    """
-
-    name: str
-    predictions: Predictions
-    auc_ci95: tuple[float, float]
-    fractions: tuple[FractionScores, ...] = ()
 
 
 def write_comparison(out_dir: Path, results: Mapping[str, RunResult], *, n_resamples: int = 1000,
@@ -188,7 +155,8 @@ def write_comparison(out_dir: Path, results: Mapping[str, RunResult], *, n_resam
     """
     out_dir = Path(out_dir)
     reference = "multi-stage" if "multi-stage" in results else "single-stage"
-    ref = _evaluated(results[reference].stages[-1])
+    ref_target = results[reference].stages[-1]
+    ref = _evaluated(ref_target)
     rows, scored = [], []
     for name, result in results.items():
         target = result.stages[-1]
@@ -196,8 +164,8 @@ def write_comparison(out_dir: Path, results: Mapping[str, RunResult], *, n_resam
         if test.ids != ref.ids:
             raise RuntimeError("the chains were tested on different images; this is a bug in mltl compare")
         scores = classification_metrics(test.labels, test.probs, test.classes)
-        boot = paired_bootstrap(test.labels, test.probs, None if name == reference else ref.probs,
-                                classes=test.classes, n_resamples=n_resamples, seed=seed)
+        boot = paired_bootstrap(test.labels, test.probs, classes=test.classes, n_resamples=n_resamples, seed=seed,
+                                groups=test.groups)
         row: dict[str, Any] = {
             "chain": name,
             "stages": [s.name for s in result.stages],
@@ -206,20 +174,19 @@ def write_comparison(out_dir: Path, results: Mapping[str, RunResult], *, n_resam
             "auc_macro": scores["auc_macro"], "auc_ci95": [boot["ci_low"], boot["ci_high"]],
             "accuracy": scores["accuracy"],
             "n_test": len(test), "evaluated_on": test.split,
+            "auc_level": _auc_level(target, test),
             "repeats": _repeats(target),
             "train_seconds": sum(_train_seconds(s) for s in result.stages),
             "run_dir": str(result.run_dir),
         }
         if name != reference:
-            if len(test.classes) == 2:
-                d = delong_test(test.labels, test.probs[:, 1], ref.probs[:, 1])
-                row["p_vs_" + reference] = d["p"]
-                row["test"] = "DeLong"
-            else:
-                row["p_vs_" + reference] = boot["p"]
-                # 0 means no resample reversed the difference: p is below what n_resamples can resolve
-                row["p_resolution"] = 2.0 / n_resamples
-                row["test"] = "paired bootstrap of the macro-AUC difference"
+            d = paired_difference(target, ref_target, n_resamples=n_resamples, seed=seed)
+            row["p_vs_" + reference] = d["p"]
+            row["p_resolution"] = d["p_resolution"]
+            row["test"] = d["test"]
+            row["diff_vs_reference"] = {k: d[k] for k in ("level", "n_images", "n_draws", "diff", "diff_ci95",
+                                                          "detected")}
+            row["sentence"] = verdict(d, name, reference)
         rows.append(row)
         scored.append(ChainScores(name=name, predictions=test, auc_ci95=(boot["ci_low"], boot["ci_high"])))
     fractions = None
@@ -272,18 +239,6 @@ def _train_ids(path: Path) -> frozenset[str] | None:
         return None
 
 
-def _aligned(pred: Predictions, ids: tuple[str, ...]) -> Predictions:
-    """``pred`` with its rows in the order of ``ids`` (the same set of images)."""
-    if pred.ids == ids:
-        return pred
-    where = {i: k for k, i in enumerate(pred.ids)}
-    if set(where) != set(ids):
-        raise RuntimeError("the draws of a fractions target were tested on different images; this is a bug in "
-                           "mltl compare or a damaged run directory")
-    order = [where[i] for i in ids]
-    return attrs.evolve(pred, ids=ids, labels=pred.labels[order], probs=pred.probs[order], groups=None)
-
-
 def fraction_comparison(targets: Mapping[str, StageResult], reference: str, *, n_resamples: int = 1000,
                         seed: int = 0, level: float = 0.95) -> list[dict[str, Any]]:
     """Every chain's fractions target judged at each training fraction (see :data:`FRACTIONS_METHOD`).
@@ -329,11 +284,12 @@ def fraction_comparison(targets: Mapping[str, StageResult], reference: str, *, n
                 rep = files.repeat(r["label"])
                 pred = read_predictions(rep.predictions, "test", classes)
                 ids = ids if ids is not None else pred.ids
-                preds[name].append(_aligned(pred, ids))
+                preds[name].append(aligned(pred, ids))
                 train_ids[name].append(_train_ids(rep.splits))
         same = all(train_ids[name][k] is not None and train_ids[name][k] == train_ids[reference][k]
                    for name in targets for k in range(len(ref_rows)))
         labels = preds[reference][0].labels
+        groups = preds[reference][0].groups  # the first draw's, unaligned: the others share its ids
         entries = []
         for name in targets:
             aucs = [macro_auc(p.labels, p.probs) for p in preds[name]]
@@ -349,7 +305,7 @@ def fraction_comparison(targets: Mapping[str, StageResult], reference: str, *, n
             if name != reference:
                 d = paired_bootstrap_over_draws(labels, [p.probs for p in preds[name]],
                                                 [p.probs for p in preds[reference]],
-                                                n_resamples=n_resamples, seed=seed, level=level)
+                                                n_resamples=n_resamples, seed=seed, level=level, groups=groups)
                 lo, hi = d["diff_ci_low"], d["diff_ci_high"]
                 detected = bool(math.isfinite(lo) and math.isfinite(hi) and (lo > 0 or hi < 0))
                 entry["diff_vs_reference"] = {
@@ -406,12 +362,22 @@ def _fraction_sentence(item: Mapping[str, Any], reference: str) -> str:
 
 
 def _evaluated(stage: StageResult) -> Predictions:
-    """The predictions a chain is judged on: the pooled out-of-fold test predictions of a k-fold target
-    (every image once), else the target's test predictions."""
+    """The predictions a chain's AUC column is computed on: the pooled out-of-fold test predictions of a
+    k-fold target (every image once), else the target's test predictions (a repeated target: its
+    representative repeat's)."""
     oof = StageFiles(stage.stage_dir).oof_predictions
     if (stage.metrics.get("protocol") or {}).get("pooled") and oof.is_file():
-        return attrs.evolve(read_predictions(oof, "test", stage.classes), split="out-of-fold test", groups=None)
+        return attrs.evolve(read_predictions(oof, "test", stage.classes), split="out-of-fold test")
     return stage.test
+
+
+def _auc_level(stage: StageResult, test: Predictions) -> str:
+    """The level of the AUC column, for its header: "pooled out-of-fold", "test split", or the representative
+    repeat of a repeated target ("representative repeat seed-1")."""
+    if test.split == "out-of-fold test":
+        return "pooled out-of-fold"
+    proto = stage.metrics.get("protocol")
+    return f"representative repeat {proto['representative']}" if proto else "test split"
 
 
 def _repeats(stage: StageResult) -> dict[str, Any] | None:
@@ -446,30 +412,48 @@ def _blocks(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure
         rep = r.get("repeats")
         spread = "-" if not rep else (f"{rep['auc_mean']:.3f} +/- {rep['auc_sd']:.3f} ({rep['n']} {rep['protocol']})"
                                       if rep["auc_sd"] is not None else f"{rep['auc_mean']:.3f}")
+        d = r.get("diff_vs_reference")
+        diff = "reference" if r["chain"] == reference else "-" if not d else (
+            f"{d['diff']:+.3f} ({_num(d['diff_ci95'][0])} to {_num(d['diff_ci95'][1])})")
         table.append((r["chain"], " -> ".join(r["stages"]), " / ".join(map(str, r["train_images"])),
                       " / ".join(map(str, r["classes"])), f"{r['auc_macro']:.3f} ({lo:.3f}-{hi:.3f})", spread,
-                      f"{r['accuracy']:.3f}", str(r["n_test"]), _p_text(p, r.get("p_resolution")),
+                      f"{r['accuracy']:.3f}", str(r["n_test"]), diff, _p_text(p, r.get("p_resolution")),
                       f"{r['train_seconds']:.0f}"))
     tests = {r["test"] for r in rows if "test" in r}
-    evaluated = {r.get("evaluated_on", "test") for r in rows}
+    levels = {r.get("auc_level") or _AUC_LEVEL.get(r.get("evaluated_on", "test"), "test split") for r in rows}
+    auc_level = levels.pop() if len(levels) == 1 else "see each chain's report"
+    diff_levels = {r["diff_vs_reference"]["level"] for r in rows if r.get("diff_vs_reference")}
+    diff_level = diff_levels.pop() if len(diff_levels) == 1 else auc_level
     blocks: list[Block] = [
-        Heading(1, f"Chain comparison (same target test images; p against {reference})"),
-        Table(("chain", "stages", "train images per stage", "classes", "test AUC (95% CI)",
-               "AUC mean +/- SD over repeats", "accuracy", "n test", f"p vs {reference}", "training time (s)"),
+        Heading(1, f"Chain comparison (same target test images; against {reference})"),
+        Table(("chain", "stages", "train images per stage", "classes", f"test AUC (95% CI), {auc_level}",
+               "test AUC mean +/- SD over repeats", f"accuracy, {auc_level}", "n test",
+               f"AUC difference vs {reference} (95% CI), {diff_level}", f"p vs {reference}", "training time (s)"),
               tuple(table)),
-        Para(f"Test of the AUC difference: {', '.join(sorted(tests))}. AUC, CI, accuracy and p are computed on the "
-             f"{' / '.join(sorted(evaluated))} predictions (for a k-fold target: every image once, each predicted "
-             "by the fold model that did not train on it). Each chain selects its variants on validation data "
-             "only; the test images are the same for every chain. Training images per stage are those of the "
-             "representative repeat; training time sums every repeat. Each chain's own run directory holds its "
-             "full report (`report.html`)."),
     ]
+    sentences = [r["sentence"] for r in rows if r.get("sentence")]
+    if sentences:
+        blocks.append(Para("**Verdict.** " + " ".join(sentences)))
+    blocks.append(Para(
+        f"How to read it: AUC and accuracy are computed on the {auc_level} predictions of each chain's target "
+        "(for a k-fold target the pooled out-of-fold predictions: every image once, each predicted by the fold model "
+        "that did not train on it). The difference is each chain's AUC minus the reference's on the same test "
+        f"images ({diff_level}), with a paired 95% CI (both chains scored on the same bootstrap resamples"
+        + ("; for seeds or training draws, the draws are resampled too" if "mean over" in diff_level else "")
+        + "); a difference is called clear when its CI excludes 0. "
+        f"Test of the AUC difference: {', '.join(sorted(tests)) or '-'}. Each chain selects its variants on "
+        "validation data only; the test images are the same for every chain. Training images per stage are those "
+        "of the representative repeat; training time sums every repeat. Each chain's own run directory holds its "
+        "full report (`report.html`)."))
     if fractions:
-        blocks[-1] = Para(blocks[-1].text + " The target is repeated over training fractions: the table above is "
-                          "its representative draw at the largest fraction; the sections below judge every "
-                          "fraction over all its draws.")
+        blocks[-1] = Para(blocks[-1].text + " The target is repeated over training fractions: the AUC columns "
+                          "show its representative draw at the largest fraction, the difference its mean over the "
+                          "draws there; the sections below judge every fraction over all its draws.")
         blocks += _fraction_blocks(fractions, reference)
     return blocks + list(figures)
+
+
+_AUC_LEVEL = {"out-of-fold test": "pooled out-of-fold", "test": "test split"}
 
 
 def _fraction_blocks(fractions: Sequence[Mapping[str, Any]], reference: str) -> list[Block]:
@@ -508,5 +492,6 @@ def render_html(rows: list[dict[str, Any]], reference: str, figures: Sequence[Fi
     return report.render_html(_blocks(rows, reference, figures, fractions), "mltl chain comparison")
 
 
-__all__ = ["FRACTIONS_METHOD", "ChainScores", "Comparison", "FractionScores", "chains", "compare",
-           "fraction_comparison", "render", "render_html", "write_comparison"]
+__all__ = ["FRACTIONS_METHOD", "ChainScores", "Comparison", "FractionScores", "Judged", "chains", "compare",
+           "fraction_comparison", "judged", "paired_difference", "render", "render_html", "verdict",
+           "write_comparison"]

@@ -226,6 +226,9 @@ def validate(config: Config, registry: Registry | None = None) -> dict[str, list
     check_output_names(config, reporters)
     check_seed_options(config)
     check_network_sizes(config, registry)
+    if config.baseline is not None:  # [run] baseline: its network is checked like a stage's (a new backbone)
+        nets = check_networks(attrs.evolve(config, stages=config.stages + (config.baseline,)), registry)
+        return {name: v for name, v in nets.items() if name != config.baseline.name}
     return check_networks(config, registry)
 
 
@@ -242,6 +245,10 @@ def prepare(config: Config, registry: Registry | None = None) -> ChainPlan:
             domain = domains[domain_key(cfg)]
             variant_plan = plan_stage(config, i, domain, cfg)
             variant_plan.split(domain, cfg, variant_plan.repeats[0])
+    if config.baseline is not None:
+        # [run] baseline = "scratch": planned as the last stage itself (its protocol, repeats, training seed and
+        # so its splits), trained just before it; nothing inherits from it, and the last stage stays last
+        plans.insert(len(plans) - 1, attrs.evolve(plans[-1], stage=config.baseline))
     return ChainPlan(config=config, domains=domains, stages=tuple(plans), input_note=input_note)
 
 

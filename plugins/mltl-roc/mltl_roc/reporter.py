@@ -8,7 +8,10 @@ Files written:
   split; the macro legend entry carries the stratified-bootstrap 95% CI of the macro AUC.
 * ``<stage_dir>/roc.json``: the curves (:func:`mltl_roc.roc.roc_curves`), ``auc_macro``,
   ``auc_macro_ci95`` ``[lo, hi]`` (:func:`mltl.bootstrap_auc_ci`), ``n_resamples``, ``seed`` and a little context.
-* ``<run_dir>/roc_stages.png``: every stage's macro ROC curve, each on its own test split.
+* ``<stage_dir>/roc_pooled.png``: for a k-fold stage, the same for its pooled out-of-fold predictions
+  (``oof_predictions.csv``).
+* ``<run_dir>/roc_stages.png``: every stage's macro ROC curve, each on its own test split (a k-fold stage: on
+  its pooled out-of-fold predictions).
 
 A stage whose test split has fewer than two classes has no ROC curve: it is skipped with a warning on
 the ``mltl.roc`` logger, and nothing is written for it.
@@ -97,7 +100,8 @@ class RocReporter:
             return None
         curves = roc_curves(labels, probs, test.classes)
         auc = macro_auc(labels, probs)
-        ci = bootstrap_auc_ci(labels, probs, n_resamples=self.n_resamples, seed=self.seed, level=CI_LEVEL)
+        ci = bootstrap_auc_ci(labels, probs, n_resamples=self.n_resamples, seed=self.seed, level=CI_LEVEL,
+                              groups=test.groups)  # patients: whole cases resampled
         done = _StageRoc(test, curves, auc, ci)
         self._done[key] = done
         return done
@@ -136,16 +140,38 @@ class RocReporter:
         }
         text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
         write_bytes_atomic(Path(result.stage_dir) / "roc.json", text.encode("utf-8"))
+        pooled = self._pooled(result)
+        if pooled is not None:  # k-fold: the pooled out-of-fold predictions' curves too (roc_pooled.png)
+            lo, hi = pooled.ci
+            plot_roc([(_escape(name), {name: c}) for name, c in pooled.curves.items() if name not in ("macro", "micro")]
+                     + [("macro average: AUC {auc:.2f}" + f" (95% CI {lo:.2f}–{hi:.2f})",
+                         {"macro": pooled.curves["macro"]})],
+                     Path(result.stage_dir) / "roc_pooled.png",
+                     f"ROC, stage {result.name} (pooled out-of-fold, n = {len(pooled.test.labels)})")
+
+    def _pooled(self, result: StageResult) -> _StageRoc | None:
+        """The ROC analysis of a k-fold stage's pooled out-of-fold predictions (None for other stages)."""
+        from mltl import read_predictions
+
+        oof = StageFiles(Path(result.stage_dir)).oof_predictions
+        if not (result.metrics.get("protocol") or {}).get("pooled") or not oof.is_file():
+            return None
+        pooled = read_predictions(oof, "test", tuple(result.classes))
+        return self._analyse(StageResult(name=f"{result.name} (pooled out-of-fold)", stage_dir=result.stage_dir,
+                                         classes=result.classes, test=pooled, metrics=result.metrics))
 
     def run_finished(self, results: list[StageResult], run_dir: Path) -> None:
-        """Write ``run_dir/roc_stages.png``: each stage's macro ROC on its own test split."""
+        """Write ``run_dir/roc_stages.png``: each stage's macro ROC on its own test split (a k-fold stage: on its
+        pooled out-of-fold predictions)."""
         entries = []
         for result in results:
-            done = self._analyse(result)
+            pooled = self._pooled(result)  # a k-fold stage: its pooled out-of-fold predictions
+            done = pooled or self._analyse(result)
             if done is None:
                 continue
             lo, hi = done.ci
-            label = _escape(result.name) + ": AUC {auc:.2f}" + f" [{lo:.2f}, {hi:.2f}]"
+            label = (_escape(result.name) + (" (pooled out-of-fold)" if pooled else "") + ": AUC {auc:.2f}"
+                     + f" [{lo:.2f}, {hi:.2f}]")
             entries.append((label, {"macro": done.curves["macro"]}))
         if not entries:
             log.warning("no stage has a test split with two or more classes; skipping roc_stages.png")
@@ -244,7 +270,8 @@ class EvaluationReporter:
         labels, probs = np.asarray(test.labels), np.asarray(test.probs, dtype=np.float64)
         image = image_metrics(labels, probs, test.classes)
         if len(image["classes_present"]) >= 2:
-            lo, hi = bootstrap_auc_ci(labels, probs, n_resamples=self.n_resamples, seed=self.seed, level=CI_LEVEL)
+            lo, hi = bootstrap_auc_ci(labels, probs, n_resamples=self.n_resamples, seed=self.seed, level=CI_LEVEL,
+                                      groups=test.groups)  # patients: whole cases resampled
         else:
             lo = hi = math.nan
         image["auc_macro_ci95"] = [lo, hi]

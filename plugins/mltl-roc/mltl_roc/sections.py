@@ -16,7 +16,7 @@ from mltl import Figure, Heading, Para, StageReport, Table, hookimpl, scored_cla
 
 from .roc import plot_roc, roc_curves
 
-__all__ = ["FIGURES", "RUN_FIGURES", "mltl_report_stage", "mltl_report_run", "mltl_comparison_figures"]
+__all__ = ["FIGURES", "POOLED_ROC", "RUN_FIGURES", "mltl_report_stage", "mltl_report_run", "mltl_comparison_figures"]
 
 # a stage's figures in the order the report shows them, with their captions
 FIGURES = {
@@ -29,8 +29,14 @@ FIGURES = {
     "gradcam.png": "Grad-CAM overlays: where the network looked for the class it predicted, for the most "
                    "confident correct and wrong test images of each class.",
 }
-RUN_FIGURES = {"roc_stages.png": "Macro ROC curve of every stage, each on its own test split (the stages' "
-                                 "test sets differ, so the curves are not a paired comparison)."}
+# drawn from the representative repeat of a repeated stage (the learning curve is over every draw)
+REPRESENTATIVE_FIGURES = ("roc.png", "training.png", "calibration.png", "gradcam.png")
+POOLED_ROC = "roc_pooled.png"
+POOLED_ROC_CAPTION = ("ROC curves per class (one-vs-rest) and their macro average, of the pooled out-of-fold "
+                      "predictions: every image once, by the fold model that did not train on it.")
+RUN_FIGURES = {"roc_stages.png": "Macro ROC curve of every stage, each on its own test split (a k-fold stage: on "
+                                 "its pooled out-of-fold predictions; the stages' test sets differ, so the curves "
+                                 "are not a paired comparison)."}
 COMPARISON_FIGURE = "roc_chains.png"
 COMPARISON_LEARNING_CURVE = "learning_curve_chains.png"
 
@@ -56,25 +62,20 @@ def _load(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _pooled_table(pooled: dict[str, Any]) -> Table:
-    pi, pc = pooled["image"], pooled.get("case")
-    rows = [("image", str(pi["n"]), _fmt(pi["auc_macro"]) + _ci(pi.get("auc_macro_ci95")), _fmt(pi["auc_micro"]),
-             _fmt(pi["accuracy"]), _fmt(pi["balanced_accuracy"]))]
-    if pc:
-        rows.append((f"case ({pc['aggregate']})", str(pc["n_cases"]),
-                     _fmt(pc["auc_macro"]) + _ci(pc.get("auc_macro_ci95")), _fmt(pc["auc_micro"]),
-                     _fmt(pc["accuracy"]), _fmt(pc["balanced_accuracy"])))
-    return Table(("pooled out-of-fold", "n", "macro ROC AUC (95% CI)", "micro ROC AUC", "accuracy",
-                  "balanced accuracy"), rows,
-                 "Every fold's test predictions together (`oof_predictions.csv`): each image tested once, "
-                 "by the fold's model that never saw it. The folds' models differ, so this pools scores "
-                 "of several models; the mean ± SD over folds is in the repeats table.")
+def _pooled_case_table(pc: dict[str, Any]) -> Table:
+    """The pooled out-of-fold predictions at case level (the image level is the core's pooled table)."""
+    return Table(("level", "n", "macro ROC AUC (95% CI)", "micro ROC AUC", "accuracy", "balanced accuracy"), (
+        (f"case ({pc['aggregate']} of its images)", str(pc["n_cases"]),
+         _fmt(pc["auc_macro"]) + _ci(pc.get("auc_macro_ci95")), _fmt(pc["auc_micro"]), _fmt(pc["accuracy"]),
+         _fmt(pc["balanced_accuracy"])),),
+        f"Pooled out-of-fold, case level: {pc['n_images']} images of {pc['n_cases']} cases (patients / studies); a "
+        f"case's probabilities are the {pc['aggregate']} of its images'. CI: stratified bootstrap over cases.")
 
 
-def _case_blocks(case: dict[str, Any], image: dict[str, Any], metrics: dict[str, Any]) -> list[Any]:
+def _case_blocks(case: dict[str, Any], image: dict[str, Any], metrics: dict[str, Any], at: str = "") -> list[Any]:
     ci = image.get("auc_macro_ci95")
     return [
-        Heading(3, "Case level"),
+        Heading(3, f"Case level{at}"),
         Para(f"{case['n_images']} test images of {case['n_cases']} cases (patients / studies; "
              f"{case['images_per_case']['min']}-{case['images_per_case']['max']} images each). A case's "
              f"probabilities are the **{case['aggregate']}** of its images'; its label is "
@@ -88,9 +89,9 @@ def _case_blocks(case: dict[str, Any], image: dict[str, Any], metrics: dict[str,
     ]
 
 
-def _operating_blocks(op: dict[str, Any], image: dict[str, Any]) -> list[Any]:
+def _operating_blocks(op: dict[str, Any], image: dict[str, Any], at: str = "") -> list[Any]:
     """The operating points chosen on validation, beside the arg-max sensitivity and specificity."""
-    head = Heading(3, "Operating points (threshold chosen on validation)")
+    head = Heading(3, f"Operating points (threshold chosen on validation){at}")
     if op.get("skipped"):
         return [head, Para(f"No operating point: {op['skipped']}.")]
     argmax = image.get("per_class") or {}
@@ -119,10 +120,10 @@ def _operating_blocks(op: dict[str, Any], image: dict[str, Any]) -> list[Any]:
     ]
 
 
-def _calibration_blocks(cal: dict[str, Any]) -> list[Any]:
+def _calibration_blocks(cal: dict[str, Any], at: str = "") -> list[Any]:
     bins = cal["bins"]
     return [
-        Heading(3, "Calibration"),
+        Heading(3, f"Calibration{at}"),
         Para(f"Expected calibration error (ECE) {_fmt(cal['ece'])}, Brier score {_fmt(cal['brier'])} "
              f"({cal['brier_definition']}). Calibration of the {cal['kind']}; {cal['binning']}; "
              f"ECE is the count-weighted mean gap between observed frequency and mean predicted "
@@ -137,39 +138,53 @@ def _calibration_blocks(cal: dict[str, Any]) -> list[Any]:
 @hookimpl
 def mltl_report_stage(result):
     """The CI of the test macro AUC (from ``evaluation.json``, else ``roc.json``), the micro AUC, the case
-    AUC as a summary column, the pooled out-of-fold, operating-point, case-level and calibration tables, and
-    the figures."""
+    AUC as a summary column, the operating-point, case-level and calibration tables, and the figures; for a
+    k-fold stage also the pooled out-of-fold CI, micro AUC, case level and ROC figure. A repeated stage's
+    tables and figures other than the pooled ones are those of its representative repeat, and say so."""
     d = Path(result.stage_dir)
     evaluation, roc = _load(d / "evaluation.json"), _load(d / "roc.json")
     cal, gradcam = _load(d / "calibration.json"), _load(d / "gradcam.json")
     image = (evaluation or {}).get("image") or {}
     source = evaluation if image.get("auc_macro_ci95") else roc
     ci = (image.get("auc_macro_ci95") or (roc or {}).get("auc_macro_ci95")) or None
+    rep = (result.metrics.get("protocol") or {}).get("representative")
+    at = f" ({rep})" if rep else ""
 
     metrics, summary, blocks = [], [], []
     if image:
         metrics.append(("micro ROC AUC", _fmt(image.get("auc_micro"))))
     case = (evaluation or {}).get("case")
-    if case:
-        summary.append(("case AUC (95% CI)",
-                        _fmt(case["auc_macro"]) + _ci(case.get("auc_macro_ci95")) + f" ({case['aggregate']})"))
     pooled = (evaluation or {}).get("pooled_out_of_fold")
-    if pooled:
-        blocks.append(_pooled_table(pooled))
+    pooled_ci, pooled_metrics, pooled_blocks = None, [], []
+    if pooled:  # k-fold: the summary row shows the pooled out-of-fold level, so its case column does too
+        pooled_ci = (pooled.get("image") or {}).get("auc_macro_ci95") or None
+        pooled_metrics.append(("micro ROC AUC", _fmt((pooled.get("image") or {}).get("auc_micro"))))
+        if pooled.get("case"):
+            pooled_blocks.append(_pooled_case_table(pooled["case"]))
+        if (d / POOLED_ROC).is_file():
+            pooled_blocks.append(Figure(d / POOLED_ROC, POOLED_ROC_CAPTION))
+    summary_case = (pooled or {}).get("case") if pooled else case
+    if summary_case:
+        summary.append(("case AUC (95% CI)", _fmt(summary_case["auc_macro"]) + _ci(summary_case.get("auc_macro_ci95"))
+                        + f" ({summary_case['aggregate']})"))
     operating = (evaluation or {}).get("operating_points")
     if operating:
-        blocks += _operating_blocks(operating, image)
+        blocks += _operating_blocks(operating, image, at)
     if case:
-        blocks += _case_blocks(case, image, result.metrics)
+        blocks += _case_blocks(case, image, result.metrics, at)
     if cal:
-        blocks += _calibration_blocks(cal)
-    figures: list[Any] = [Figure(d / name, caption) for name, caption in FIGURES.items() if (d / name).is_file()]
+        blocks += _calibration_blocks(cal, at)
+    figures: list[Any] = [Figure(d / name, (f"Representative repeat {rep}: " if rep and name in REPRESENTATIVE_FIGURES
+                                            else "") + caption)
+                          for name, caption in FIGURES.items() if (d / name).is_file()]
     if gradcam and gradcam.get("skipped"):
         figures.append(Para(f"Grad-CAM: no figure ({gradcam['skipped']})."))
-    if not (ci or metrics or summary or blocks or figures):
+    if not (ci or metrics or summary or blocks or figures or pooled_ci or pooled_blocks):
         return None
     return StageReport(auc_ci95=tuple(ci) if ci else None, n_resamples=(source or {}).get("n_resamples"),
-                       metrics=metrics, summary=summary, blocks=blocks, figures=figures)
+                       metrics=metrics, summary=summary, blocks=blocks, figures=figures,
+                       pooled_auc_ci95=tuple(pooled_ci) if pooled_ci else None, pooled_metrics=pooled_metrics,
+                       pooled_blocks=pooled_blocks)
 
 
 @hookimpl
