@@ -1,5 +1,6 @@
 """The timm backbone plugin (mltl-timm): stages as layer groups, training in a chain with frozen stages kept
-bit-identical, weights from a local file (offline), in_chans 1 and 3, and clear errors instead of downloads."""
+bit-identical, weights from a local file (offline), in_chans 1 and 3, and clear errors. Pretrained weights from
+the Hugging Face cache, ViTs and torchvision models: test_pretrained.py and test_torchvision.py."""
 
 import os
 import subprocess
@@ -120,25 +121,30 @@ def test_weights_of_another_model_and_a_malicious_pickle_are_refused(tmp_path):
         build({"model": "resnet18", "weights": "nope.pth"})
 
 
-def test_unknown_model_and_pretrained_without_a_file_are_clear_errors():
+def test_unknown_model_and_tag_are_clear_errors():
     with pytest.raises(ConfigError, match=r'timm: unknown model "resnet81", did you mean "resnet18"\?'):
         build({"model": "resnet81"})
-    with pytest.raises(ConfigError, match=r"pretrained = true would download the weights from the internet; "
-                                          r"download them once and set backbone.weights"):
-        build({"model": "resnet18", "pretrained": True})
-    with pytest.raises(ConfigError, match="ViT-style models are not supported"):
-        build({"model": "vit_tiny_patch16_224"})
+    with pytest.raises(ConfigError, match=r'no pretrained weights "resnet18.a1_in1kk", did you mean "resnet18.a1_in1k"'):
+        build({"model": "resnet18.a1_in1kk", "pretrained": True})
+    with pytest.raises(ConfigError, match=r'write model = "hf-hub:acme/nothing"'):
+        build({"model": "acme/nothing"})
+    with pytest.raises(ConfigError, match=r"drop_rate and drop_path_rate must be at least 0"):
+        build({"model": "resnet18", "drop_rate": 1.0})
 
 
 @pytest.mark.slow
-def test_allowed_download_that_fails_offline_is_one_line_not_a_hang(tmp_path):
+def test_a_failed_download_offline_is_one_line_not_a_hang(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(CHAIN.format(weights=", pretrained = true, allow_download = true"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "th")}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("MLTL_OFFLINE", None)
     proc = subprocess.run([sys.executable, "-m", "mltl", "validate", str(cfg)], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert "stages[0].backbone: timm resnet18: downloading the pretrained weights failed (HF_HUB_OFFLINE is set)" in lines[0]
+    repo = tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k"
+    assert (f"stages[0].backbone: timm resnet18: model.safetensors or pytorch_model.bin of timm/resnet18.a1_in1k "
+            f"not found in the Hugging Face cache {repo} (HF_HUB_OFFLINE is set, so no download)") in lines[0]
     assert "set backbone.weights" in lines[0]
