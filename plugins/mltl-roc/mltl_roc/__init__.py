@@ -22,10 +22,12 @@ def register_reporters(register):
              "evaluation.json (AUCs with CI, sensitivity/specificity, case level), calibration, training curves")
     register("gradcam", GradCamReporter, "Grad-CAM overlays of correct and wrong test images (gradcam.png)")
     register("metrics-log", MetricsLogReporter, "one JSON line per training epoch in RUN_DIR/metrics.jsonl")
-    from . import mlflow_reporter, tensorboard
+    from . import mlflow_reporter, tensorboard, wandb_reporter
 
     register("mlflow", mlflow_reporter.MlflowReporter,
              "an MLflow run: config as parameters, curves, test metrics, report and figures; opt-in", opt_in=True)
+    register("wandb", wandb_reporter.WandbReporter,
+             "a W&B run, offline in RUN_DIR/wandb by default: config, curves, metrics, report; opt-in", opt_in=True)
 
     if tensorboard.available():  # opt-in: name it in [run] reporters
         register("tensorboard", tensorboard.TensorBoardReporter,
