@@ -379,8 +379,13 @@ def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     chain = prepare(config)  # what `mltl run` checks before training: reads every image, leakage, every split
     n = sum(len(s.variants) for s in config.stages)
+    baseline = ""
+    if config.baseline is not None:
+        n += len(config.baseline.variants)
+        baseline = f" and the baseline {config.baseline.name}"
     images = sum(len(d) for d in chain.domains.values())
-    print(f"{args.config}: OK ({len(config.stages)} stages, {n} variants to train, {images} images readable)")
+    print(f"{args.config}: OK ({len(config.stages)} stages{baseline}, {n} variants to train, "
+          f"{images} images readable)")
     return 0
 
 
