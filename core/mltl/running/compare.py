@@ -221,7 +221,8 @@ FRACTIONS_METHOD = (
     "The difference of a chain from the reference is the mean over draws of (chain AUC - reference AUC) for "
     "the same draw; its 95% CI and two-sided p-value come from a bootstrap (mltl.evaluation.stats."
     "paired_bootstrap_over_draws) that resamples the draws with replacement and the test images (class-"
-    "stratified, the same image resample for every draw and every chain) and takes twice the smaller share "
+    "stratified; whole patients where the domain has patient groups; the same resample for every draw and "
+    "every chain) and takes twice the smaller share "
     "of resampled mean differences on either side of 0. A difference is called detected when the CI "
     "excludes 0. With few draws (e.g. 3) the draw resampling is coarse: read every draw's value too.")
 
@@ -410,7 +411,9 @@ def _blocks(rows: list[dict[str, Any]], reference: str, figures: Sequence[Figure
         p = r.get("p_vs_" + reference)
         lo, hi = r["auc_ci95"]
         rep = r.get("repeats")
-        spread = "-" if not rep else (f"{rep['auc_mean']:.3f} +/- {rep['auc_sd']:.3f} ({rep['n']} {rep['protocol']})"
+        unit = {"kfold": "folds", "holdout": "seeds", "fractions": "draws at the largest fraction"}.get(
+            rep["protocol"], rep["protocol"]) if rep else ""
+        spread = "-" if not rep else (f"{rep['auc_mean']:.3f} +/- {rep['auc_sd']:.3f} ({rep['n']} {unit})"
                                       if rep["auc_sd"] is not None else f"{rep['auc_mean']:.3f}")
         d = r.get("diff_vs_reference")
         diff = "reference" if r["chain"] == reference else "-" if not d else (
