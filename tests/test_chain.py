@@ -21,7 +21,8 @@ def finished(tmp_path_factory):
     from tests.conftest import TINY
 
     cfg = tmp / "tiny.toml"
-    cfg.write_text(TINY.format(target_freeze="inherited"))
+    # keep = "all": the losing variants' weights too (a run keeps only the selected ones by default)
+    cfg.write_text(TINY.format(target_freeze="inherited").replace("seed = 3", 'seed = 3\nkeep = "all"', 1))
     log = []
 
     class Spy:

@@ -96,8 +96,11 @@ def export_metadata(stage: Any) -> dict[str, Any]:
     return {
         "mltl_export": METADATA_VERSION,
         "mltl_version": __version__,
-        "stage": stage.path.name,
+        "stage": getattr(stage, "name", "") or stage.path.name,
         "source": str(stage.path),
+        # which model: "final" (a repeated stage's, trained on all non-test data), "selected", or a repeat's
+        "model": {k: info[k] for k in ("model", "variant", "trained_on", "trained_on_images", "epochs", "epochs_rule")
+                  if k in info},
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "classes": list(stage.classes),
         "input": {

@@ -6,6 +6,12 @@ reader when its plugin registered one (``register(name, factory, read_file=...)`
 stage's window, a lesion crop, ...); otherwise it is decoded as the ``image-folder`` domain
 decodes files (same channels, same resize). Then it is prepared and normalised exactly as in training.
 
+``RUN_DIR/STAGE`` serves the stage's final model (``STAGE/final``) where a repeated protocol trained one
+(:func:`mltl.running.rundir.served`), else the stage's selected model; ``STAGE/repeats/fold-2`` (or any folder
+holding a ``model.json``) serves that model. An input that is byte- or pixel-identical (at the model's input)
+to an image the model trained on, or was chosen on (its validation split), gets a warning: one line per such
+input and a count (the model folder's ``training_images.json`` holds the content hashes of those images).
+
 A domain plugin gives ``mltl predict`` its reader like this::
 
     def read_my_file(path, *, image_size, window="abdomen"):   # options: those of the factory
@@ -39,7 +45,8 @@ from ..data.domain import prepare_images
 from ..errors import UserError
 from ..networks.network import Network
 from ..plugins import get_registry
-from ..running.rundir import RunFiles, StageFiles, guard_csv_cell, load_network, refuse_run_file, write_text_atomic
+from ..running.rundir import (RunFiles, StageFiles, content_hash, guard_csv_cell, load_network, pixel_hash,
+                              read_training_images, refuse_run_file, run_dir_of, served, write_text_atomic)
 from ..training.train import predict_proba
 
 log = logging.getLogger("mltl.deploy.predict")
@@ -62,11 +69,37 @@ class TrainedStage:
     domain: dict = attrs.field(factory=dict)
     read: Callable[[Path], np.ndarray] | None = None
     suffixes: frozenset[str] = frozenset(IMAGE_SUFFIXES)
+    #: how the model folder is named in messages: ``target/final``, ``target/repeats/fold-2``, ``target``
+    name: str = ""
+    #: the model's record from its ``model.json``: ``model`` ("final", "selected", ...), for a final model
+    #: ``trained_on``, ``epochs``, ``epochs_rule``, ...
+    record: dict = attrs.field(factory=dict)
+    #: content hash -> role ("train" or "val") of the images the model trained or was chosen on, of their
+    #: pixels at the model's input and of their files' bytes; None where the folder records none
+    trained_pixels: dict[str, str] | None = None
+    trained_bytes: dict[str, str] | None = None
 
     def read_file(self, path: Path) -> np.ndarray:
         if self.read is not None:
             return self.read(path)
         return read_image(path, channels=self.decode_channels, size=self.decode_size, who="predict")
+
+    def seen(self, path: Path, prepared: np.ndarray) -> tuple[str, str] | None:
+        """``(role, how)`` when the file at ``path``, whose image prepared at the model's input is ``prepared``
+        (uint8 ``(C, H, W)``), is one the model trained on (role ``train``) or was chosen on (``val``): how is
+        ``byte-identical`` or ``pixel-identical``. None otherwise, or where the model folder records nothing."""
+        if self.trained_bytes:
+            try:
+                role = self.trained_bytes.get(content_hash(Path(path).read_bytes()))
+            except OSError:
+                role = None
+            if role is not None:
+                return role, "byte-identical"
+        if self.trained_pixels:
+            role = self.trained_pixels.get(pixel_hash(prepared))
+            if role is not None:
+                return role, "pixel-identical (at the model's input)"
+        return None
 
 
 def _domain_reader(plugin: str | None, options: dict, image_size: int, stage_name: str
@@ -123,10 +156,46 @@ def last_finished_stage(run_dir: Path) -> StageFiles:
     return finished[-1]
 
 
+def _model_name(folder: Path) -> str:
+    run = run_dir_of(folder)
+    try:
+        return folder.resolve().relative_to(run).as_posix() if run is not None else folder.name
+    except ValueError:
+        return folder.name
+
+
+def _trained_images(files: StageFiles, inp: InputConfig) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """The content hashes a model folder records of the images its model trained on (a sweep variant's: its
+    stage's or repeat's, which trained on the same split); pixel hashes only when made at this input."""
+    folders = [files]
+    if files.root.parent.name == StageFiles.VARIANTS:
+        folders.append(StageFiles(files.root.parent.parent))
+    for folder in folders:
+        found = read_training_images(folder)
+        if found is None:
+            continue
+        pixels, files_ = found
+        try:
+            made_at = json.loads(folder.training_images.read_text()).get("input", {})
+        except (OSError, ValueError, AttributeError):
+            made_at = {}
+        same_input = made_at.get("size") == inp.size and made_at.get("channels") == inp.channels
+        return (pixels if same_input else None), files_
+    return None, None
+
+
 def load_stage(path: str | Path) -> TrainedStage:
-    """``RUN_DIR/STAGE``, or ``RUN_DIR`` for its last finished stage."""
+    """``RUN_DIR/STAGE`` (its final model where it has one, else its selected model), ``RUN_DIR`` for its last
+    finished stage, or any model folder of a stage (``STAGE/repeats/fold-2``, ``STAGE/final``)."""
     path = Path(path)
     files = StageFiles(path) if StageFiles(path).model_json.is_file() else last_finished_stage(path)
+    model = served(files)
+    if model != files and not model.model_json.is_file():
+        repeats = files.repeats()
+        raise UserError(f"{files.model_json} names its final model in {model.root}, which is missing; restore it "
+                        f"from a copy of the run, or name a repeat's model instead"
+                        + (f", e.g. {repeats[0].root}" if repeats else ""))
+    files = model
     path = files.root
     try:
         info = json.loads(files.model_json.read_text())
@@ -143,10 +212,13 @@ def load_stage(path: str | Path) -> TrainedStage:
     if read is None and domain.get("plugin") not in (None, "image-folder"):
         log.info("stage %s was trained on domain %r, which has no file reader; new image files are decoded as "
                  "the image-folder domain does (grey or RGB, resized)", path.name, domain.get("plugin"))
+    pixels, files_ = _trained_images(files, inp)
+    record = {k: v for k, v in info.items() if k not in ("spec", "input", "input_note", "domain", "frozen")}
     return TrainedStage(network=net, input=inp, classes=net.classes, path=path,
                         decode_size=int(options.get("size") or inp.size),
                         decode_channels=int(options.get("channels", inp.channels)), domain=domain, read=read,
-                        suffixes=suffixes if suffixes is not None else frozenset(IMAGE_SUFFIXES))
+                        suffixes=suffixes if suffixes is not None else frozenset(IMAGE_SUFFIXES),
+                        name=_model_name(path), record=record, trained_pixels=pixels, trained_bytes=files_)
 
 
 def iter_images(inputs: Sequence[str | Path], suffixes: frozenset[str] | set[str] = frozenset(IMAGE_SUFFIXES)
@@ -171,6 +243,10 @@ def predict(stage: TrainedStage | str | Path, inputs: Sequence[str | Path], *, d
     ``inputs``: files and folders (searched recursively for the stage's domain's file types). Yields
     ``(path, probabilities)`` per file, probabilities a float64 array ordered as ``stage.classes``;
     files are read and classified in batches of ``batch_size``, so a large folder streams.
+
+    An input the model trained on (or was chosen on: its validation split), byte-identical or pixel-identical
+    at the model's input (:meth:`TrainedStage.seen`), is logged as a warning, one line each, and their count
+    after the last input.
     """
     if not isinstance(stage, TrainedStage):
         stage = load_stage(stage)
@@ -178,6 +254,7 @@ def predict(stage: TrainedStage | str | Path, inputs: Sequence[str | Path], *, d
         raise UserError(f"predict: batch size must be at least 1, got {batch_size}")
     net = stage.network.to(device)
     batch: list[Path] = []
+    seen = {"train": 0, "val": 0, "all": 0}
 
     def flush() -> Iterator[tuple[Path, np.ndarray]]:
         arrays = [stage.read_file(p) for p in batch]
@@ -186,8 +263,17 @@ def predict(stage: TrainedStage | str | Path, inputs: Sequence[str | Path], *, d
             arrays = [prepare_images(a[None], size=stage.input.size, channels=stage.input.channels)[0].numpy()
                       for a in arrays]
         arrays = np.stack(arrays)
-        x = prepare_images(arrays, size=stage.input.size, channels=stage.input.channels).to(device)
-        yield from zip(list(batch), predict_proba(net, x, stage.input))
+        x = prepare_images(arrays, size=stage.input.size, channels=stage.input.channels)
+        for path, prepared in zip(batch, x.numpy()):
+            found = stage.seen(path, prepared)
+            if found is not None:
+                role, how = found
+                seen[role] += 1
+                log.warning("%s is %s to an image %s %s; its probabilities are not an independent estimate",
+                            path, how, stage.name or "the model",
+                            "trained on" if role == "train" else "was chosen on (its validation split)")
+        seen["all"] += len(batch)
+        yield from zip(list(batch), predict_proba(net, x.to(device), stage.input))
         batch.clear()
 
     for path in iter_images(inputs, stage.suffixes):
@@ -196,6 +282,11 @@ def predict(stage: TrainedStage | str | Path, inputs: Sequence[str | Path], *, d
             yield from flush()
     if batch:
         yield from flush()
+    if seen["train"] or seen["val"]:
+        what = ("trained on" if not seen["val"] else "was chosen on (its validation split)" if not seen["train"]
+                else f"trained on ({seen['train']}) or was chosen on ({seen['val']}, its validation split)")
+        log.warning("%d of %d inputs are images %s %s (listed above); measure the model on images it never saw",
+                    seen["train"] + seen["val"], seen["all"], stage.name or "the model", what)
 
 
 def predictions_csv(rows: Sequence[tuple[Path, np.ndarray]], classes: Sequence[str]) -> str:

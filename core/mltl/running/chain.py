@@ -5,6 +5,13 @@ leakage, every split), then for each stage: resumed, reused or trained. Training
 repeat of its protocol: train every variant of its sweep, select the winner on the **validation** split,
 and only then evaluate the winner, once, on the test split; write its record (:mod:`mltl.running.rundir`); hand
 the winner down to later stages.
+
+After a repeated protocol (k-fold, seeds, fractions) has measured a stage, the stage also trains its **final
+model** (``split.final_model``, default on) on all of its non-test data: k-fold every image of the domain,
+otherwise the train and val images of the holdout split; with the variant selected most often on validation
+over the repeats, for the median of that variant's best epochs (rounded up), without early stopping. It is
+written to ``STAGE/final/``, never evaluated (the stage's numbers are the repeats'), and it is what the next
+stage, ``mltl predict`` and ``mltl export`` use (:func:`mltl.running.rundir.served`).
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +30,11 @@ import numpy as np
 import torch
 
 from ..config import Config, StageConfig, dump_toml, load_config
-from ..data.domain import Domain, split_counts
+from ..data.domain import Domain, prepare_images, split_counts
 from ..data.stream import load_images
 from ..errors import ConfigError, UserError
 from ..evaluation.metrics import classification_metrics, is_better, metric_value
-from ..evaluation.report import write_report
+from ..evaluation.report import headline, write_report
 from ..evaluation.reporting import ConsoleReporter, Events, make_reporters
 from ..evaluation.results import (Candidate, Predictions, StageResult, group_keys, selection_record,
                                   stage_metrics)
@@ -38,10 +47,11 @@ from .plan import StagePlan, domain_key
 from .preflight import ChainPlan, check_not_inside_data, prepare, resolve_device
 from .protocols import Repeat, summarise_repeats
 from .resume import check_reuse_dirs, find_earlier, resume_dir
-from .rundir import (Damaged, RunFiles, RunLock, StageFiles, choose_run_dir, copy_stage, environment, finished_repeat,
-                    jsonable, load_network, read_stage, read_variant, remove_orphan_temporaries, splits_csv,
-                    write_json_atomic,
-                    write_repeated_stage, write_splits, write_stage, write_text_atomic, write_variant)
+from .rundir import (Damaged, RunFiles, RunLock, StageFiles, choose_run_dir, content_hash, copy_stage, environment,
+                    finished_repeat, jsonable, load_network, pixel_hash, prune_stage, read_final, read_stage,
+                    read_variant, remove_orphan_temporaries, splits_csv, training_images_record, write_final,
+                    write_json_atomic, write_repeated_stage, write_splits, write_stage, write_text_atomic,
+                    write_variant)
 
 log = logging.getLogger("mltl")
 
@@ -75,6 +85,33 @@ class _Trained:
     history: Any
 
 
+def _image_file(image_id: str, options: dict[str, Any]) -> Path | None:
+    """The file an image id names, where there is one: an absolute path, or a path under the domain's ``root``
+    (image-folder) or beside its ``csv`` (csv-manifest); None for a generated image or a slice of a volume."""
+    path = Path(image_id)
+    candidates = [path] if path.is_absolute() else []
+    if not path.is_absolute():
+        for key, base in (("root", lambda v: Path(v).expanduser()), ("csv", lambda v: Path(v).expanduser().parent)):
+            if isinstance(options.get(key), str):
+                candidates.append(base(options[key]) / path)
+    for candidate in candidates:
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def _file_hash(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return content_hash(path.read_bytes())
+    except OSError:
+        return None
+
+
 def _predictions(net: Network, domain: Domain, idx: np.ndarray, split: str, x: torch.Tensor, input_cfg) -> Predictions:
     return Predictions(ids=tuple(domain.ids[i] for i in idx), split=split, labels=domain.labels[idx],
                        probs=predict_proba(net, x, input_cfg), classes=domain.classes,
@@ -88,6 +125,7 @@ class _StageRunner:
         self.run_files, self.events, self.resume, self.reuse = RunFiles(run_dir), events, resume, reuse
         self.selected: dict[str, Network] = {}  # each finished stage's winner, handed down
         self._tensors: dict[str, torch.Tensor] = {}
+        self._hashes: dict[str, tuple[list[str], list[str | None]]] = {}
 
     def _images(self, cfg: StageConfig) -> torch.Tensor:
         k = domain_key(cfg)
@@ -99,6 +137,27 @@ class _StageRunner:
                                             device_budget_gb=run.device_memory_budget_gb,
                                             host_budget_gb=run.host_memory_budget_gb)}
         return self._tensors[k]
+
+    def _content_hashes(self, cfg: StageConfig, domain: Domain) -> tuple[list[str], list[str | None]]:
+        """Per image of the domain: the hash of its pixels at the chain's input and of its file's bytes (None
+        where it is no file); computed once per domain, as ``mltl predict`` computes them for a new file."""
+        k = domain_key(cfg)
+        if k not in self._hashes:
+            size, channels = self.config.input.size, self.config.input.channels
+            pixels: list[str] = []
+            for i in range(0, len(domain), 1024):
+                prepared = prepare_images(np.asarray(domain.images[i:i + 1024]), size=size, channels=channels)
+                pixels += [pixel_hash(a) for a in prepared.numpy()]
+            files = [_file_hash(_image_file(i, cfg.domain.options)) for i in domain.ids]
+            self._hashes = {k: (pixels, files)}
+        return self._hashes[k]
+
+    def _training_images(self, cfg: StageConfig, domain: Domain, roles: dict[str, np.ndarray]) -> dict[str, Any]:
+        """``training_images.json`` of a model trained on ``roles["train"]`` (and chosen on ``roles["val"]``)."""
+        pixels, files = self._content_hashes(cfg, domain)
+        return training_images_record({r: [pixels[i] for i in idx] for r, idx in roles.items()},
+                                      {r: [files[i] for i in idx if files[i] is not None] for r, idx in roles.items()},
+                                      size=self.config.input.size, channels=self.config.input.channels)
 
     def run(self, plan: StagePlan) -> StageResult:
         name = plan.stage.name
@@ -112,6 +171,10 @@ class _StageRunner:
         if result is None:
             result = self._train_once(plan, files) if len(plan.repeats) == 1 else self._train_repeated(plan, files)
         self.events.stage_finished(result=result)
+        # [run] keep = "selected": sweep variants' weights and checkpoints go, now that metrics.json is on disk
+        removed = prune_stage(files, self.config.run.keep)
+        if removed:
+            log.info("%s: removed %d files no longer needed ([run] keep = \"selected\")", files.root, len(removed))
         return result
 
     def _resumed(self, plan: StagePlan, files: StageFiles) -> StageResult | None:
@@ -178,13 +241,121 @@ class _StageRunner:
         summary = summarise_repeats(plan.protocol, rows, list(plan.repeats), [done[r.label][3] for r in plan.repeats])
         oof_csv = summary.pop("pooled_csv", None)
         metrics, selection, net, test = done[summary["representative"]]
-        metrics = jsonable({**metrics, "protocol": summary})  # as the file holds it
+        # a [run] baseline (trained from scratch for comparison only) hands nothing on: no final model
+        wanted = plan.stage.first.split.final_model and plan.stage is not self.config.baseline
+        final = self._final_model(plan, files, done) if wanted else None
+        # the numbers stay the repeats'; the final model's record says what it is and how it was made
+        metrics = jsonable({**metrics, "protocol": summary, **({"final_model": final[1]} if final else {})})
         write_repeated_stage(files, summary["representative"], oof_csv,
-                             {"protocol": plan.protocol, "rows": rows}, metrics)
+                             {"protocol": plan.protocol, "rows": rows}, metrics, final=final[1] if final else None)
         distributed.barrier()
-        self.selected[plan.stage.name] = net
+        self.selected[plan.stage.name] = final[0] if final else net
         return StageResult(name=plan.stage.name, stage_dir=files.root, classes=tuple(metrics["classes"]),
                            test=test, metrics=metrics, selection=jsonable(selection))
+
+    def _final_model(self, plan: StagePlan, files: StageFiles, done: dict[str, tuple]) -> tuple[Network, dict[str, Any]]:
+        """Train (or, resumed, read) the stage's final model in ``STAGE/final``; the network and its record.
+
+        Data: every image of the domain (k-fold: each was tested once by a fold model that did not train on
+        it), otherwise the train and val images of the holdout split. Variant: the one the repeats' selections
+        chose most often (ties: the first listed). Epochs: the median of that variant's best epochs (on
+        validation) over the repeats, rounded up; fractions count only the repeats at the largest fraction,
+        whose training split is the nearest to the final model's. No early stopping: nothing is left to
+        validate on. Nothing is evaluated: the model trained on every image it could be tested on."""
+        stage, ffiles = plan.stage, files.final
+        heads = list(plan.repeats)
+        if plan.protocol == "fractions":
+            top = max(r.fraction for r in plan.repeats)
+            heads = [r for r in plan.repeats if r.fraction == top]
+        order = [label for label, _ in stage.variants]
+        chosen = {r.label: done[r.label][0].get("selected_variant") or "" for r in heads}
+        counts = {v: list(chosen.values()).count(v) for v in order}
+        variant = max(order, key=lambda v: (counts[v], -order.index(v)))
+
+        def best_epoch(label: str) -> int | None:
+            m, sel = done[label][0], done[label][1]
+            if (m.get("selected_variant") or "") == variant:
+                return m.get("best_epoch")
+            return next((c.get("best_epoch") for c in (sel or {}).get("candidates", [])
+                         if c.get("variant") == variant and c.get("best_epoch") is not None), None)
+
+        best = [e for e in (best_epoch(r.label) for r in heads) if e is not None]
+        median = float(np.median(best)) if best else float(dict(stage.variants)[variant].train.epochs)
+        epochs = max(1, math.ceil(median))
+        cfg = dict(stage.variants)[variant]
+        domain = self.chain.domain(cfg)
+        if plan.protocol == "kfold":
+            idx = np.arange(len(domain))
+            what = ("every image of the domain: k-fold tested each once, by the fold model that did not train on "
+                    "it; none is held out")
+        else:
+            holdout = plan.split(domain, cfg, Repeat(label=""))
+            idx = np.sort(np.concatenate([holdout["train"], holdout["val"]]))
+            what = ("the train and val images of the holdout split; its test images, on which the repeats were "
+                    "tested, are not trained on")
+        repeats_word = {"kfold": "folds", "fractions": f"draws at the largest fraction ({heads[0].fraction:g})"
+                        if heads[0].fraction is not None else "draws"}.get(plan.protocol, "seeds")
+        record: dict[str, Any] = {
+            "model": "final", "folder": StageFiles.FINAL, "variant": variant or None,
+            "variant_rule": (f"selected on validation in {counts[variant]} of the {len(heads)} {repeats_word} "
+                             f"(the most often; ties: the first listed variant)") if len(order) > 1
+            else "the stage's only variant",
+            "selected_by_repeat": {k: v or None for k, v in chosen.items()},
+            "trained_on": len(idx), "trained_on_images": what,
+            "class_counts": split_counts(domain, {"train": idx})["train"],
+            "epochs": epochs, "best_epochs": best,
+            "epochs_rule": (f"the median of the variant's best epochs on validation over the {len(heads)} "
+                            f"{repeats_word} ({median:g}), rounded up; no early stopping (no validation data is "
+                            f"left); the learning-rate schedule spans these {epochs} epochs"),
+            "seed": plan.seed, "evaluated": False,
+            "evaluation": ("none: it trained on every image it could be tested on; the stage's numbers are the "
+                           "repeats' (metrics.json protocol, repeats.json), whose models stay in repeats/"),
+        }
+        if self.resume:
+            found = read_final(ffiles, self.registry)
+            if found is not None and all(found[1].get(k) == record[k] for k in ("variant", "epochs", "trained_on")):
+                log.info("%s: the final model was finished before the interruption", ffiles.root)
+                return found[0], {**record, "train_seconds": found[1].get("train_seconds")}
+        split_text = splits_csv(domain.ids, domain.classes, domain.labels, {"train": idx})
+        if distributed.is_writer():
+            ffiles.root.mkdir(parents=True, exist_ok=True)
+        write_splits(ffiles.splits, split_text, check=self.resume)
+        torch.manual_seed(plan.seed)
+        net, _start, note = self._start_network(plan, cfg, domain)
+        frozen = FreezePolicy(cfg.freeze).resolve(net, self.registry, key=f"{plan.key}.freeze",
+                                                  source=self.config.source)
+        net.set_frozen(frozen)
+        net.to(self.device)
+        x = self._images(cfg)
+        train = TensorData(x[torch.from_numpy(idx).to(self.device)], torch.from_numpy(domain.labels[idx]).to(self.device))
+        inp = self.config.input
+        # fit() scores a validation split after its last epoch; there is none, so it gets one blank image (no
+        # image of any split), and its numbers are dropped from the history: nothing is measured on this model
+        blank = TensorData(torch.zeros((1, inp.channels, inp.size, inp.size), dtype=torch.uint8, device=self.device),
+                           torch.zeros(1, dtype=torch.int64, device=self.device))
+        tcfg = attrs.evolve(cfg.train, epochs=epochs, patience=None, val_every=epochs + 1)
+
+        def on_epoch(epoch: int, row: dict[str, Any]) -> None:
+            row.update(val_loss=math.nan, val_auc=math.nan, val_accuracy=math.nan)  # the history's row itself
+            self.events.epoch_ended(stage_name=stage.name, variant=StageFiles.FINAL, epoch=epoch,
+                                    metrics={**row, "epochs": epochs})
+
+        log.info("%s: training the final model on %d images for %d epochs", stage.name, len(idx), epochs)
+        with warnings.catch_warnings():  # scikit-learn's notes on scoring one blank image of one class
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"sklearn\.")
+            fitted = fit(net, train, blank, tcfg, inp, classes=domain.classes, seed=plan.seed, on_epoch=on_epoch,
+                         checkpoint=ffiles.checkpoint, checkpoint_seconds=checkpoint_seconds(),
+                         key=f"stages.{stage.name}.train", source=self.config.source)
+        net.to("cpu")
+        record["train_seconds"] = fitted.seconds
+        model_json = {"spec": net.spec, "input": attrs.asdict(inp), "input_note": self.chain.input_note,
+                      "frozen": sorted(frozen, key=net.group_names().index),
+                      "domain": {"plugin": cfg.domain.plugin, "options": cfg.domain.options},
+                      "start": note, **record}
+        write_final(ffiles, net=net, model_json=model_json, history=fitted.history, splits=split_text,
+                    training_images=self._training_images(cfg, domain, {"train": idx}))
+        distributed.barrier()
+        return net, record
 
     def _finished_repeat(self, plan: StagePlan, files: StageFiles):
         """A repeat finished before an interruption, as saved; None when it must be trained (again)."""
@@ -249,21 +420,26 @@ class _StageRunner:
                             f"network it starts from: " + "; ".join(c.skipped for c in candidates))
         return best, candidates
 
+    def _start_network(self, plan: StagePlan, cfg: StageConfig, domain: Domain) -> tuple[Network, str, str]:
+        """The network a variant starts from (a new backbone, or the earlier stage's handed-down model), how it
+        started ("new gfe-2", "from source") and a note for the report."""
+        config, key = self.config, plan.key
+        if cfg.backbone is not None:
+            spec = make_spec(cfg.backbone.name, cfg.backbone.options, config.input.channels,
+                             config.input.size, cfg.head or HeadSpec(), domain.classes)
+            net = build_network(spec, self.registry, key=f"{key}.backbone", source=config.source)
+            return net, f"new {cfg.backbone.name}", f"New {cfg.backbone.name} network"
+        net, note = derive(self.selected[cfg.init], self.registry, classes=domain.classes, head=cfg.head,
+                           in_chans=config.input.channels, image_size=config.input.size,
+                           key=key, source=config.source)
+        return net, f"from {cfg.init}", f"Started from stage {cfg.init}: {note}"
+
     def _train_variant(self, plan: StagePlan, label: str, cfg: StageConfig, domain: Domain, splits, data,
                        vfiles: StageFiles, seed: int, rep: Repeat, sweeping: bool) -> _Trained | Candidate:
         """Build (or inherit) the variant's network, freeze it, train it, score it on validation, save it."""
         config, key = self.config, plan.key
         torch.manual_seed(seed)
-        if cfg.backbone is not None:
-            spec = make_spec(cfg.backbone.name, cfg.backbone.options, config.input.channels,
-                             config.input.size, cfg.head or HeadSpec(), domain.classes)
-            net = build_network(spec, self.registry, key=f"{key}.backbone", source=config.source)
-            start, note = f"new {cfg.backbone.name}", f"New {cfg.backbone.name} network"
-        else:
-            net, note = derive(self.selected[cfg.init], self.registry, classes=domain.classes, head=cfg.head,
-                               in_chans=config.input.channels, image_size=config.input.size,
-                               key=key, source=config.source)
-            start, note = f"from {cfg.init}", f"Started from stage {cfg.init}: {note}"
+        net, start, note = self._start_network(plan, cfg, domain)
         try:
             frozen = FreezePolicy(cfg.freeze).resolve(net, self.registry, key=f"{key}.freeze", source=config.source)
         except ConfigError as exc:
@@ -303,10 +479,13 @@ class _StageRunner:
             n_images={s: int(len(idx)) for s, idx in best.splits.items()},
             class_counts=split_counts(domain, best.splits), repeat=rep.row() if len(plan.repeats) > 1 else None)
         model_json = {"spec": net.spec, "input": attrs.asdict(self.config.input), "input_note": self.chain.input_note,
-                      "frozen": list(cand.frozen), "domain": {"plugin": cfg.domain.plugin, "options": cfg.domain.options}}
+                      "frozen": list(cand.frozen), "domain": {"plugin": cfg.domain.plugin, "options": cfg.domain.options},
+                      "model": "selected" + (f" (repeat {rep.label})" if rep.label else ""),
+                      "variant": cand.variant or None}
+        roles = {"train": best.splits["train"], "val": best.splits["val"]}
         write_stage(files, net=net, model_json=model_json, history=best.history, predictions=[best.val, test],
                     splits=splits_csv(domain.ids, domain.classes, domain.labels, best.splits), selection=selection,
-                    metrics=metrics)
+                    metrics=metrics, training_images=self._training_images(cfg, domain, roles))
         return metrics, selection
 
 
@@ -332,7 +511,7 @@ def run(config: Config | str | Path, *, out: str | Path | None = None, device: s
     dev = distributed.setup(device or config.run.device) or resolve_device(device or config.run.device)
     chain = prepare(config, registry)
     # under torchrun only rank 0 reports, chooses and locks the run directory; the others get its path
-    reporters = [ConsoleReporter()] + make_reporters(config, registry) if distributed.is_writer() else []
+    reporters = [ConsoleReporter(summary=headline)] + make_reporters(config, registry) if distributed.is_writer() else []
     out = str(out) if out is not None else config.run.out
     check_not_inside_data(config, Path(out) if out is not None else Path("runs") / config.run.name)
     with contextlib.ExitStack() as stack:

@@ -20,7 +20,7 @@ from ..data.domain import Domain
 from ..errors import UserError
 from ..networks.network import Network
 from .plan import StagePlan
-from .rundir import RunFiles, load_weights, splits_csv
+from .rundir import RunFiles, load_weights, served, splits_csv
 
 log = logging.getLogger("mltl")
 
@@ -128,10 +128,17 @@ def find_earlier(plan: StagePlan, domain: Domain, reuse: tuple[Path, ...], selec
                      plan.index)
             continue
         # the same settings are not enough: every earlier stage of this run (trained here, resumed or
-        # copied) must hold the very weights that run's stages held, or this stage was built on others
+        # copied) must hold the very weights that run's stages handed on (a final model where there is one),
+        # or this stage was built on others
         earlier = [s.name for s in config.stages[:plan.index]]
-        if not all(same_weights(selected[n], RunFiles(run_dir).stage(n).model) for n in earlier):
+        if not all(same_weights(selected[n], served(RunFiles(run_dir).stage(n)).model) for n in earlier):
             log.info("%s: not reused (an earlier stage of this run has other weights than that run's)", files.root)
+            continue
+        wants_final = (len(plan.repeats) > 1 and plan.stage.first.split.final_model
+                       and plan.stage is not getattr(config, "baseline", None))
+        if wants_final and served(files) == files:
+            log.info("%s: not reused (it has no final model: made by an mltl before final models, or with "
+                     "split.final_model = false)", files.root)
             continue
         if not _same_split(plan, domain, files.metrics, files.splits):
             log.warning("%s: not reused: its splits.csv differs from the split this run makes (the data or "

@@ -13,9 +13,16 @@ Layout (:class:`RunFiles`, :class:`StageFiles`)::
 
     RUN/config.toml  environment.json  state.json  reused.json  report.md  report.html  .lock
     RUN/STAGE/model.safetensors  model.json  metrics.json  predictions.csv  splits.csv  history.json
-              selection.json (a sweep)  repeats.json  oof_predictions.csv (a repeated protocol)
+              training_images.json  selection.json (a sweep)  repeats.json  oof_predictions.csv (a repeated
+              protocol)
     RUN/STAGE/variants/LABEL/...  (one trained sweep variant: model, history, splits, variant.json)
     RUN/STAGE/repeats/LABEL/...   (one fold / draw / seed: a complete stage of its own)
+    RUN/STAGE/final/...           (a repeated protocol's final model, trained on all non-test data: model,
+                                   model.json (written last), history, splits, training_images.json)
+
+The model a stage serves (``mltl predict``, ``mltl export``, the next stage) is :func:`served`: the final
+model where the stage's ``model.json`` names one, else the stage's own. :func:`prune_stage` drops what a
+finished stage no longer needs (``[run] keep``).
 """
 
 from __future__ import annotations
@@ -405,11 +412,15 @@ class StageFiles:
     CHECKPOINT = "checkpoint.pt"
     REPEATS_JSON = "repeats.json"
     OOF_PREDICTIONS = "oof_predictions.csv"
+    TRAINING_IMAGES = "training_images.json"  # content hashes of the images the model trained on
+    FINAL = "final"  # the folder of a repeated stage's final model
+    REPEATS = "repeats"
+    VARIANTS = "variants"
     #: what a repeated stage copies from its representative repeat into its own folder
-    REPRESENTATIVE = (MODEL, MODEL_JSON, HISTORY, PREDICTIONS, SPLITS, SELECTION)
+    REPRESENTATIVE = (MODEL, MODEL_JSON, HISTORY, PREDICTIONS, SPLITS, SELECTION, TRAINING_IMAGES)
     #: every file name of a stage, repeat or variant folder
     NAMES = (MODEL, MODEL_JSON, METRICS, PREDICTIONS, SPLITS, HISTORY, SELECTION, VARIANT, CHECKPOINT,
-             REPEATS_JSON, OOF_PREDICTIONS)
+             REPEATS_JSON, OOF_PREDICTIONS, TRAINING_IMAGES)
 
     model = property(lambda self: self.root / self.MODEL)
     model_json = property(lambda self: self.root / self.MODEL_JSON)
@@ -422,16 +433,24 @@ class StageFiles:
     checkpoint = property(lambda self: self.root / self.CHECKPOINT)
     repeats_json = property(lambda self: self.root / self.REPEATS_JSON)
     oof_predictions = property(lambda self: self.root / self.OOF_PREDICTIONS)
+    training_images = property(lambda self: self.root / self.TRAINING_IMAGES)
+    #: a repeated stage's final model (:func:`write_final`)
+    final = property(lambda self: StageFiles(self.root / self.FINAL))
 
     def repeat(self, label: str) -> StageFiles:
-        return StageFiles(self.root / "repeats" / label)
+        return StageFiles(self.root / self.REPEATS / label)
+
+    def repeats(self) -> list[StageFiles]:
+        """The repeats saved under this stage, in name order."""
+        folder = self.root / self.REPEATS
+        return [StageFiles(p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.is_dir() else []
 
     def variant(self, label: str) -> StageFiles:
-        return StageFiles(self.root / "variants" / safe_name(label))
+        return StageFiles(self.root / self.VARIANTS / safe_name(label))
 
     def variants(self) -> list[StageFiles]:
         """The sweep variants saved under this stage, in name order."""
-        folder = self.root / "variants"
+        folder = self.root / self.VARIANTS
         return [StageFiles(p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.is_dir() else []
 
 
@@ -551,7 +570,7 @@ def read_variant(files: StageFiles) -> dict[str, Any] | None:
 
 def write_stage(files: StageFiles, *, net: Network, model_json: dict[str, Any], history: Any,
                 predictions: list[Predictions], splits: str, selection: dict[str, Any] | None,
-                metrics: dict[str, Any]) -> None:
+                metrics: dict[str, Any], training_images: dict[str, Any] | None = None) -> None:
     """A finished stage (or repeat): every file, then ``metrics.json``, which marks it finished."""
     if selection is not None:
         write_json_atomic(files.selection, selection)
@@ -560,21 +579,141 @@ def write_stage(files: StageFiles, *, net: Network, model_json: dict[str, Any], 
     write_json_atomic(files.history, history)
     write_text_atomic(files.predictions, predictions_csv(predictions))
     write_splits(files.splits, splits)
+    if training_images is not None:
+        write_training_images(files, training_images)
     write_json_atomic(files.metrics, metrics)
 
 
 def write_repeated_stage(files: StageFiles, representative: str, oof_csv: str | None,
-                         repeats: dict[str, Any], metrics: dict[str, Any]) -> None:
+                         repeats: dict[str, Any], metrics: dict[str, Any], final: dict[str, Any] | None = None) -> None:
     """A stage of a repeated protocol: its representative repeat's files, the pooled out-of-fold predictions,
-    ``repeats.json``, and ``metrics.json`` last."""
+    ``repeats.json``, and ``metrics.json`` last.
+
+    ``final``: the record of the stage's final model (already written to ``final/`` by :func:`write_final`),
+    added to the stage's ``model.json`` as ``final_model``: :func:`served` then serves ``final/``."""
     rep = files.repeat(representative).root
     for name in files.REPRESENTATIVE:
         if (rep / name).is_file():
             write_bytes_atomic(files.root / name, (rep / name).read_bytes())
+    if final is not None:
+        info = json.loads((rep / files.MODEL_JSON).read_text())
+        info = {**info, "model": f"repeat {representative} (the representative repeat; the stage serves "
+                                 f"{files.FINAL}/)", "final_model": final}
+        write_text_atomic(files.model_json, json.dumps(jsonable(info), indent=2) + "\n")
     if oof_csv is not None:
         write_text_atomic(files.oof_predictions, oof_csv)
     write_json_atomic(files.repeats_json, repeats)
     write_json_atomic(files.metrics, metrics)
+
+
+def write_final(files: StageFiles, *, net: Network, model_json: dict[str, Any], history: Any, splits: str,
+                training_images: dict[str, Any]) -> None:
+    """A repeated stage's final model in ``files`` (``STAGE/final``): weights, history, the images it trained on
+    (``splits.csv``, all ``train``; their content hashes), then ``model.json``, which marks it finished; its
+    training checkpoint goes last. It has no ``metrics.json`` or ``predictions.csv``: it is never evaluated
+    (every image it could be tested on, it trained on)."""
+    save_weights_atomic(files.model, net.state_dict(), {"spec": json.dumps(net.spec)})
+    write_json_atomic(files.history, history)
+    write_splits(files.splits, splits)
+    write_training_images(files, training_images)
+    write_text_atomic(files.model_json, json.dumps(jsonable(model_json), indent=2) + "\n")
+    if _distributed.is_writer():
+        files.checkpoint.unlink(missing_ok=True)
+
+
+def read_final(files: StageFiles, registry: Any = None) -> tuple[Network, dict[str, Any]] | None:
+    """A finished final model (``STAGE/final``) and its ``model.json``; None when it must be trained (again):
+    never finished, or a file of it is damaged."""
+    try:
+        info = json.loads(files.model_json.read_text())
+        if not isinstance(info, dict) or info.get("model") != "final":
+            return None
+        json.loads(files.history.read_text())
+        return load_network(files.model, registry), info
+    except (OSError, ValueError, UserError):
+        return None
+
+
+def served(files: StageFiles) -> StageFiles:
+    """The model folder a stage serves to ``mltl predict``, ``mltl export`` and the next stage: its final model
+    (``final/``) where its ``model.json`` records one (``final_model``), else the stage (or repeat) itself."""
+    try:
+        info = json.loads(files.model_json.read_text())
+    except (OSError, ValueError):
+        return files
+    return files.final if isinstance(info, dict) and info.get("final_model") else files
+
+
+def prune_stage(files: StageFiles, keep: str) -> list[Path]:
+    """What a finished stage no longer needs, removed (``[run] keep = "selected"``): every sweep variant's
+    weights (the selected one's are the stage's or repeat's own ``model.safetensors``; each variant keeps its
+    history, splits and ``variant.json``) and any training checkpoint left in it. Only once the stage's record
+    (``metrics.json``) is on disk; ``keep = "all"`` removes nothing. Returns what was removed."""
+    if keep == "all" or not _distributed.is_writer() or not files.metrics.is_file():
+        return []
+    removed: list[Path] = []
+    for folder in (files, *files.repeats(), files.final):
+        for path in (folder.checkpoint, *(p for v in folder.variants() for p in (v.model, v.checkpoint))):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------- the images a model trained on
+
+#: the digest of :func:`content_hash`: 8 bytes (16 hex digits), ample to recognise an image among millions
+HASH_BYTES = 8
+
+
+def content_hash(data: bytes) -> str:
+    """BLAKE2b of ``data``, :data:`HASH_BYTES` long, in hex."""
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest()
+
+
+def pixel_hash(image: np.ndarray) -> str:
+    """The content hash of one prepared image: uint8 ``(C, H, W)`` at the model's input, its shape included."""
+    arr = np.ascontiguousarray(image, dtype=np.uint8)
+    return content_hash(repr(arr.shape).encode() + arr.tobytes())
+
+
+def training_images_record(pixels: dict[str, list[str]], files: dict[str, list[str]], *, size: int,
+                           channels: int) -> dict[str, Any]:
+    """``training_images.json``: per role (``train``: trained on; ``val``: chose the model (selection, best
+    epoch)) the sorted content hashes of the images' pixels at the model's input and, where the image is a
+    file, of its bytes. No ids or file names: a hash says only whether a given image was among them."""
+    return {
+        "about": "content hashes of the images this model trained on (train) and was chosen on (val); "
+                 "mltl predict warns when an input is one of them",
+        "hash": f"BLAKE2b, {HASH_BYTES}-byte digest, hex; pixels: of repr((C, H, W)) + the uint8 pixels at the "
+                f"model input (mltl.data.domain.prepare_images); bytes: of the file",
+        "input": {"size": size, "channels": channels},
+        "pixels": {role: sorted(set(h)) for role, h in pixels.items()},
+        "bytes": {role: sorted(set(h)) for role, h in files.items()},
+    }
+
+
+def write_training_images(files: StageFiles, record: dict[str, Any]) -> None:
+    """``training_images.json``, compact (no indentation: about 19 bytes per hash)."""
+    write_text_atomic(files.training_images, json.dumps(jsonable(record), separators=(",", ":")) + "\n")
+
+
+def read_training_images(files: StageFiles) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The ``training_images.json`` of a model folder as two maps, pixel hash -> role and file-bytes hash ->
+    role (``train`` where an image is in both roles); None when the folder has none or it is unreadable."""
+    try:
+        record = json.loads(files.training_images.read_text())
+        maps: list[dict[str, str]] = []
+        for kind in ("pixels", "bytes"):
+            out: dict[str, str] = {}
+            for role in ("val", "train"):  # train last: it wins
+                out.update(dict.fromkeys(record.get(kind, {}).get(role, []), role))
+            maps.append(out)
+        return maps[0], maps[1]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 class Damaged(Exception):
@@ -606,10 +745,16 @@ def read_stage(files: StageFiles, name: str, *, swept: bool | None = None, regis
             raise ValueError(f"{len(rows)} rows, metrics.json counts {sum(metrics['n_images'].values())} images")
         what = files.selection
         selection = json.loads(what.read_text()) if swept or (swept is None and what.is_file()) else None
-        what = files.model
+        model = served(files)  # the final model of a repeated stage, else the stage's own
+        if model != files:
+            what = model.model_json
+            info = json.loads(what.read_text())
+            if not isinstance(info, dict) or info.get("model") != "final":
+                raise ValueError("not the record of a final model")
+        what = model.model
         net = load_network(what, registry) if network else None
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
-        raise Damaged(f"{what.name} is damaged or missing ({str(exc).splitlines()[0][:200]})") from None
+        raise Damaged(f"{what.relative_to(files.root).as_posix()} is damaged or missing ({str(exc).splitlines()[0][:200]})") from None
     result = StageResult(name=name, stage_dir=files.root, classes=classes, test=test, metrics=metrics,
                          selection=selection)
     return result, net
