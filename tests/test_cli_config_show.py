@@ -26,7 +26,8 @@ def test_config_show_prints_the_resolved_toml_as_a_user_runs_it():
     assert target["train"]["epochs"] == 3
     assert "epochs = 3" in proc.stdout.split('name = "target"')[1]
     # defaults are filled in: keys the file leaves out, at every level
-    assert doc["run"]["device"] == "auto" and doc["input"]["mean"] == 0.5
+    assert doc["run"]["device"] == "auto" and doc["run"]["keep"] == "selected"
+    assert "mean" not in doc["input"]  # unset: the backbone's own (a pretrained one's), else 0.5; no TOML null
     assert target["freeze"] == "none" and target["train"]["momentum"] == 0.9
     assert target["split"]["protocol"] == "auto" and target["split"]["val"] == 0.25  # the file's value wins
     # sweeps are kept as written
