@@ -131,6 +131,7 @@ def test_bad_normalisation_values_are_config_errors(tmp_path, bad, message):
         load_config(path)
 
 
+@pytest.mark.slow
 def test_a_trained_stage_predicts_and_exports_with_its_normalisation(tmp_path, backbones):
     result = mltl.run(_config(tmp_path, "imagenet-like"), out=tmp_path / "run")
     stage = mltl.load_stage(result.run_dir / "target")

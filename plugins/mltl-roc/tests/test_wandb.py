@@ -11,6 +11,9 @@ import pytest
 
 import mltl
 
+# each test starts wandb's background service and trains a tiny chain: in the slow phase of CI
+pytestmark = pytest.mark.slow
+
 SETS = ["stages.source.backbone=gfe-1", "stages.intermediate.freeze=C1"]  # the tiny chain, one variant per stage
 WANDB_ENV = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE")
 
