@@ -75,7 +75,7 @@ def test_compare_with_a_kfold_target_judges_pooled_out_of_fold_predictions(tmp_p
         p = np.array([[float(x[f"p_{c}"]) for c in classes] for x in rows])
         assert r["auc_macro"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-9)
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "(3 kfold)" in table and "![roc_chains](roc_chains.png)" in table
+    assert "(3 folds)" in table and "![roc_chains](roc_chains.png)" in table
     page = (tmp_path / "cmp" / "comparison.html").read_text()
     assert "<td>multi-stage</td>" in page and "data:image/png;base64," in page and 'src="roc_chains' not in page
     with Image.open(tmp_path / "cmp" / "roc_chains.png") as im:
