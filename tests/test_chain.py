@@ -151,6 +151,7 @@ def test_handed_down_weights_are_the_selected_variants(finished):
             assert torch.equal(source[k], winner[k])
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(finished, tmp_path, tiny_config):
     result, _ = finished
     again = mltl.run(tiny_config("inherited"), out=tmp_path / "again", device="cpu")

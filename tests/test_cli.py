@@ -47,11 +47,13 @@ def user_error(proc):
     (('train = { epochs = 1, batch_size = 16 }\n\n[[stages]]', 'freze = "C1"\ntrain = { epochs = 1, batch_size = 16 }\n\n[[stages]]'),
      'stages[0].freze: unknown key, did you mean "freeze"?'),
     (('plugin = "ct-phantom"', 'plugin = "ct-phantom2"'), 'stages[1].domain.plugin: unknown domain "ct-phantom2", did you mean "ct-phantom"?'),
-    (('init = "source"', 'init = "srouce"'), 'stages[1].init: "srouce" names no earlier stage; earlier stages: source'),
-    (('backbone = "gfe-1"', 'backbone = "gfe-3"'), 'unknown backbone "gfe-3"'),
-    (('domain = { plugin = "ct-phantom", classes = ["normal", "cyst", "calculi"], images_per_class = 10, seed = 5 }',
-      'domain = { plugin = "image-folder", root = "no/such/folder" }'), 'stages[1].domain: image-folder: root "no/such/folder" is not a folder'),
-    (('images_per_class = 10, seed = 5', 'images_per_clas = 10, seed = 5'), 'stages[1].domain.images_per_clas: unknown option, did you mean "images_per_class"?'),
+    pytest.param(('init = "source"', 'init = "srouce"'), 'stages[1].init: "srouce" names no earlier stage; earlier stages: source', marks=pytest.mark.slow),
+    pytest.param(('backbone = "gfe-1"', 'backbone = "gfe-3"'), 'unknown backbone "gfe-3"', marks=pytest.mark.slow),
+    pytest.param(('domain = { plugin = "ct-phantom", classes = ["normal", "cyst", "calculi"], images_per_class = 10, seed = 5 }',
+                  'domain = { plugin = "image-folder", root = "no/such/folder" }'),
+                 'stages[1].domain: image-folder: root "no/such/folder" is not a folder', marks=pytest.mark.slow),
+    pytest.param(('images_per_class = 10, seed = 5', 'images_per_clas = 10, seed = 5'),
+                 'stages[1].domain.images_per_clas: unknown option, did you mean "images_per_class"?', marks=pytest.mark.slow),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path, edit, expected):
     cfg = tmp_path / "bad.toml"
@@ -98,6 +100,7 @@ def test_load_plugins_env_restricts_distributions():
     assert "mltl-gfe" in proc.stdout and "mltl-ct" not in proc.stdout and "mltl.builtins" in proc.stdout
 
 
+@pytest.mark.slow  # four CLI start-ups; the quick phase starts the CLI in the tests above
 def test_version_and_help():
     assert mltl("--version").stdout.startswith("mltl 0.1.0")
     for cmd in ("run", "validate", "plugins"):

@@ -62,6 +62,7 @@ def _run_in_terminal(args, env):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+@pytest.mark.slow
 def test_no_escape_codes_with_no_color_or_into_a_pipe():
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "MLTL_QUIET")}
     env["TERM"] = "xterm-256color"

@@ -60,6 +60,7 @@ def test_a_run_directory_serves_its_last_stage_in_chain_order(folder_run, tmp_pa
         load_stage(copy)
 
 
+@pytest.mark.slow
 def test_predict_cli_on_a_folder_writes_csv(folder_run, tmp_path):
     result, data = folder_run
     out = tmp_path / "new.csv"

@@ -12,6 +12,7 @@ import mltl
 SETS = ["stages.source.backbone=gfe-1", "stages.intermediate.freeze=C1"]  # the tiny chain, one variant per stage
 
 
+@pytest.mark.slow
 def test_an_mlflow_run_holds_the_config_the_curves_the_test_metrics_and_the_report(tmp_path, tiny_config,
                                                                                    monkeypatch):
     pytest.importorskip("mlflow", reason="the mlflow reporter needs mlflow-skinny (requirements-dev.txt)")

@@ -10,6 +10,7 @@ import mltl
 pytest.importorskip("tensorboard", reason="the tensorboard reporter needs the tensorboard package")
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_match_the_history(tmp_path, tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
