@@ -43,8 +43,12 @@ def _generator_hash() -> str:
 
 def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images_per_class: int = 100,  # noqa: B006
                       seed: int = 0, window: str | list[float] = "abdomen", size: int | None = None,
-                      cache: bool = True, *, image_size: int = 64) -> Domain:
-    """Synthetic abdominal CT slices (HU phantom with cysts, calculi, tumours, Caroli disease), windowed."""
+                      cache: bool = True, levels: list[float] | None = None, *, image_size: int = 64) -> Domain:
+    """Synthetic abdominal CT slices (HU phantom with cysts, calculi, tumours, Caroli disease), windowed.
+
+    ``levels``: the craniocaudal range the slices are drawn from, [low, high] with 0 = T12 (upper abdomen)
+    and 1 = L3; default the whole range. [0.03, 0.45] keeps to slices through the liver.
+    """
     unknown = [c for c in classes if c not in phantom.CLASSES]
     if unknown:
         raise UserError(f'ct-phantom: unknown class "{unknown[0]}"; available: {", ".join(phantom.CLASSES)}')
@@ -61,9 +65,16 @@ def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images
         level, width = float(window[0]), float(window[1])
     else:
         raise UserError(f"ct-phantom: window must be a preset name or [level, width] with width > 0, got {window}")
+    full = phantom.SLICE_LEVEL_RANGE
+    if levels is None:
+        levels = list(full)
+    elif not (len(levels) == 2 and full[0] <= levels[0] < levels[1] <= full[1]):
+        raise UserError(f"ct-phantom: levels must be [low, high] with {full[0]} <= low < high <= {full[1]} "
+                        f"(0 = T12, 1 = L3), got {levels}; e.g. levels = [0.03, 0.45] for slices through the liver")
     side = size or image_size
     # the generator's own source is part of the key: a changed phantom never serves stale cached images
-    key = json.dumps([CACHE_VERSION, _generator_hash(), list(classes), images_per_class, side, seed, level, width])
+    key = json.dumps([CACHE_VERSION, _generator_hash(), list(classes), images_per_class, side, seed, level, width]
+                     + ([] if tuple(levels) == full else [list(levels)]))
     path = _cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
     images = labels = None
     if cache and path.exists():
@@ -73,7 +84,8 @@ def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images
         except (OSError, ValueError, KeyError):
             images = None  # a damaged cache file is regenerated
     if images is None:
-        images, labels = phantom.generate(classes, images_per_class, size=side, seed=seed, window=(level, width))
+        images, labels = phantom.generate(classes, images_per_class, size=side, seed=seed, window=(level, width),
+                                             levels=(float(levels[0]), float(levels[1])))
         if cache:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +97,8 @@ def ct_phantom_domain(classes: list[str] = ["normal", "cyst", "calculi"], images
     ids = tuple(f"ct-phantom/{seed}/{classes[labels[i]]}/{i - int(labels[i]) * images_per_class}"
                 for i in range(len(labels)))
     return Domain(classes=tuple(classes), images=images, labels=labels, ids=ids,
-                  description=f"CT phantom, {images_per_class} per class, seed {seed}, window {level}/{width}")
+                  description=f"CT phantom, {images_per_class} per class, seed {seed}, window {level}/{width}"
+                  + ("" if tuple(levels) == full else f", levels {levels[0]:g}-{levels[1]:g}"))
 
 
 @hookimpl

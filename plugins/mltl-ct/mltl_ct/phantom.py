@@ -15,10 +15,18 @@ anti-aliased, partial-volume-conserving shapes over one another (later ones cove
 correlated quantum noise and a small Gaussian point-spread function are applied.
 
 Classes (:data:`CLASSES`): ``normal`` (no lesion, but with lesion mimics: gallbladder, vessels, bowel
-gas, ribs, aortic calcification, renal sinus fat), ``cyst`` (renal cyst), ``calculi`` (renal stones),
-``tumour`` (renal cell carcinoma), ``caroli-focal`` (segmental saccular/fusiform bile duct dilatation
-with the central dot sign) and ``caroli-diffuse`` (diffuse duct dilatation, hepatic fibrosis,
-polycystic-looking kidneys, splenomegaly).
+fluid and gas, ribs, aortic calcification, renal sinus fat), ``cyst`` (simple cysts of the liver or the
+kidney), ``calculi`` (renal stones or calcified gallstones), ``tumour`` (renal cell carcinoma),
+``caroli-focal`` (Caroli disease: a few large saccular bile-duct dilatations in one segment, joined by
+fusiform ducts, often holding stones, with the central dot sign) and ``caroli-diffuse`` (Caroli syndrome:
+many smaller saccules throughout the liver, hepatic fibrosis, polycystic-looking kidneys, splenomegaly).
+The rare Caroli classes are built from the common findings' primitives (water-density cysts, dense
+calculi) in another arrangement, so a network that learnt ``cyst`` and ``calculi`` has features for them.
+``level-upper``, ``level-mid`` and ``level-lower`` are lesion-free slices from one third of the
+craniocaudal range each: a CT task that shares none of those primitives (a negative control).
+
+Quantum noise is set per pixel of :data:`NOISE_REFERENCE_MM`; larger pixels average it down (SD in
+proportion to 1 / pixel size), as a coarse reconstruction of the same scan would.
 """
 
 from __future__ import annotations
@@ -30,10 +38,15 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["CLASSES", "WINDOWS", "FOV_MM", "slice_hu", "apply_window", "generate"]
+__all__ = ["CLASSES", "FOV_MM", "LEVEL_CLASSES", "WINDOWS", "apply_window", "generate", "slice_hu"]
 
-CLASSES: tuple[str, ...] = ("normal", "cyst", "calculi", "tumour", "caroli-focal", "caroli-diffuse")
+CLASSES: tuple[str, ...] = ("normal", "cyst", "calculi", "tumour", "caroli-focal", "caroli-diffuse",
+                             "level-upper", "level-mid", "level-lower")
 """Class names, in label order."""
+
+LEVEL_CLASSES: tuple[str, ...] = ("level-upper", "level-mid", "level-lower")
+"""Lesion-free slices from one third of the craniocaudal range each (T12-L1, L1-L2, L2-L3): a CT task that
+shares no lesion primitive with the others (the demo's negative-control intermediate stage)."""
 
 WINDOWS: dict[str, tuple[float, float]] = {
     "abdomen": (40.0, 400.0),
@@ -89,11 +102,11 @@ KIDNEY_HALF_EXTENT = 0.48  # half the craniocaudal length of a kidney, in slice-
 
 # Lesions. Sizes lean to the upper end of what is clinically common, so that at 64 pixels (5.5 mm per
 # pixel) most lesions stay visible; the smallest remain sub-pixel and partial-volumed.
-CYST_DIAMETER_MM = (8.0, 45.0)
+CYST_DIAMETER_MM = (12.0, 50.0)
 CYST_HU = (0.0, 20.0)
 CYST_COUNT = (1, 4)
 POLYCYSTIC_CYST_DIAMETER_MM = (4.0, 16.0)
-CALCULUS_DIAMETER_MM = (4.0, 14.0)
+CALCULUS_DIAMETER_MM = (5.0, 16.0)
 URIC_ACID_STONE_HU = (200.0, 500.0)
 CALCIUM_STONE_HU = (600.0, 1500.0)
 CALCIUM_STONE_PROBABILITY = 0.8  # the others are uric acid
@@ -103,14 +116,30 @@ STAGHORN_PROBABILITY = 0.25
 TUMOUR_DIAMETER_MM = (15.0, 60.0)
 TUMOUR_HU = {UNENHANCED: (20.0, 40.0), PORTAL: (80.0, 150.0)}
 NECROSIS_HU = (5.0, 25.0)
+HEPATIC_CYST_PROBABILITY = 0.5  # a ``cyst`` slice's cysts are in the liver, else in the kidneys
+GALLSTONE_PROBABILITY = 0.5  # a ``calculi`` slice's stones are in the gallbladder, else in the kidneys
+GALLSTONE_COUNT = (1, 5)
+GALLSTONE_HU = (150.0, 1000.0)  # calcified (pigment or mixed) stones; pure cholesterol ones are not drawn
+# Caroli disease: saccular (cyst-like) dilatations of the intrahepatic bile ducts joined by fusiform ducts,
+# often with the central dot sign and with intraductal stones (hepatolithiasis): the same primitives as
+# the common findings above, round water-density cysts and dense calculi, in a rarer arrangement.
 DUCT_RADIUS_MM = (1.5, 3.5)
-SACCULE_RADIUS_MM = (3.0, 10.0)
-SACCULES_PER_BRANCH = (1, 3)
+FOCAL_SACCULES = (3, 6)  # in one segment
+FOCAL_SACCULE_DIAMETER_MM = (15.0, 35.0)
+FOCAL_SEGMENT_RADIUS_MM = (15.0, 30.0)
+DIFFUSE_SACCULES = (8, 16)  # throughout both lobes
+DIFFUSE_SACCULE_DIAMETER_MM = (8.0, 18.0)
+FOCAL_STONE_PROBABILITY = 0.6  # per saccule: hepatolithiasis is common in Caroli disease proper (focal)
+DIFFUSE_STONE_PROBABILITY = 0.1  # per saccule: Caroli syndrome shows fibrosis and renal cysts instead
+INTRADUCTAL_STONE_DIAMETER_MM = (5.0, 10.0)
+INTRADUCTAL_STONE_HU = (250.0, 1000.0)
+POLYCYSTIC_KIDNEY_PROBABILITY = 0.85  # caroli-diffuse: Caroli syndrome with renal cystic disease
 CENTRAL_DOT_RADIUS_MM = (0.8, 1.8)
 SOFT_TISSUE_DOT_HU = (40.0, 55.0)  # the portal radicle of the central dot sign without contrast
 
 # Image formation.
-NOISE_SD_HU = (10.0, 20.0)
+NOISE_SD_HU = (10.0, 20.0)  # per pixel of NOISE_REFERENCE_MM; larger pixels average it down
+NOISE_REFERENCE_MM = 1.4
 PSF_SIGMA_MM = (0.7, 1.5)
 PIXEL_SIGMA_PX = 0.45  # extra blur standing for the pixel footprint, so small images do not alias
 TEXTURE_COARSE_MM = 7.0
@@ -121,12 +150,14 @@ TEXTURE_FINE_MM = 2.5
 # Public API
 
 
-def slice_hu(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One ``size`` x ``size`` float32 slice in HU for class ``label``.
+def slice_hu(label: str, size: int, rng: np.random.Generator,
+             levels: tuple[float, float] = SLICE_LEVEL_RANGE) -> np.ndarray:
+    """One ``size`` x ``size`` float32 slice in HU for class ``label``, at a craniocaudal level drawn uniformly
+    from ``levels`` (0 = T12, upper abdomen, .. 1 = L3; see :data:`SLICE_LEVEL_RANGE`).
 
     ``rng`` is the only source of randomness: the same generator state gives the same slice.
     """
-    return _render(label, size, rng).hu
+    return _render(label, size, rng, levels).hu
 
 
 def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -147,6 +178,7 @@ def generate(
     size: int = 64,
     seed: int = 0,
     window: tuple[float, float] = WINDOWS["abdomen"],
+    levels: tuple[float, float] = SLICE_LEVEL_RANGE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns (images uint8 of shape (N, size, size), labels int64 of shape (N,)), N = len(classes)*images_per_class,
     labels index into `classes` in the order given. Image i of class c is drawn from its own Generator seeded from
@@ -155,7 +187,8 @@ def generate(
     the bad name and listing CLASSES.
 
     Images are grouped by class, in the order of ``classes``. ``window`` is (level, width) in HU, see
-    :data:`WINDOWS` and :func:`apply_window`.
+    :data:`WINDOWS` and :func:`apply_window`. ``levels`` is the craniocaudal range the slices are drawn from
+    (0 = T12 .. 1 = L3), within :data:`SLICE_LEVEL_RANGE`: e.g. (0.03, 0.45) for slices through the liver.
     """
     names = list(classes)
     for name in names:
@@ -167,6 +200,7 @@ def generate(
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     _check_size(size)
+    _check_levels(levels)
     level, width = window
     images = np.empty((len(names) * images_per_class, size, size), dtype=np.uint8)
     labels = np.repeat(np.arange(len(names), dtype=np.int64), images_per_class)
@@ -174,8 +208,14 @@ def generate(
         class_index = CLASSES.index(name)
         for i in range(images_per_class):
             rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, i]))
-            images[c * images_per_class + i] = apply_window(slice_hu(name, size, rng), level, width)
+            images[c * images_per_class + i] = apply_window(slice_hu(name, size, rng, levels), level, width)
     return images, labels
+
+
+def _check_levels(levels: tuple[float, float]) -> None:
+    low, high = SLICE_LEVEL_RANGE
+    if not (len(levels) == 2 and low <= levels[0] < levels[1] <= high):
+        raise ValueError(f"levels must be (low, high) with {low} <= low < high <= {high}, got {tuple(levels)}")
 
 
 def _check_label(label: str) -> None:
@@ -434,13 +474,15 @@ class _Slice:
     liver_right: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # cx, cy, a, b
     liver_left: tuple[float, float, float, float, float] | None = None  # cx, cy, a, b, angle
     liver_hilum: tuple[float, float] = (0.0, 0.0)
+    gallbladder: tuple[float, float, float, float, float] | None = None  # cx, cy, a, b, angle of the lumen
     kidneys: list[_Kidney] = field(default_factory=list)
-    layers: dict[str, np.ndarray] = field(default_factory=dict)  # "cavity", "liver", "kidney"
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # "cavity", "liver", "kidney", "gallbladder"
     # Class-driven modifications of the anatomy (Caroli syndrome).
     spleen_scale: float = 1.0
     liver_nodularity_hu: float = 0.0
     liver_fibrosis_hu: float = 0.0
     liver_contour_irregularity: float = 0.0
+    liver_hu: np.ndarray | None = None  # the image as it was when the liver had been drawn
 
     _uniforms: list[float] = field(default_factory=list)
     _next_uniform: int = 0
@@ -494,10 +536,20 @@ def _sample_tissues(rng: np.random.Generator, phase: str) -> dict[str, float]:
 @dataclass
 class _Rendered:
     hu: np.ndarray  # float32 (size, size), final image
-    layers: dict[str, np.ndarray]  # coverage of "cavity", "liver", "kidney" before noise
+    layers: dict[str, np.ndarray]  # coverage of "cavity", "liver", "kidney" (and "gallbladder") before noise
 
 
-def _render(label: str, size: int, rng: np.random.Generator) -> _Rendered:
+def _slice_level(label: str, level: float, levels: tuple[float, float] = SLICE_LEVEL_RANGE) -> float:
+    """The level drawn in ``levels``, mapped into its third of that range for the ``level-*`` classes."""
+    if label not in LEVEL_CLASSES:
+        return level
+    low, high = levels
+    third = LEVEL_CLASSES.index(label)
+    return low + (high - low) * (third + (level - low) / (high - low)) / 3.0
+
+
+def _render(label: str, size: int, rng: np.random.Generator,
+            levels: tuple[float, float] = SLICE_LEVEL_RANGE) -> _Rendered:
     """Draw one slice; also return organ coverage layers (used by the tests)."""
     _check_label(label)
     _check_size(size)
@@ -508,7 +560,7 @@ def _render(label: str, size: int, rng: np.random.Generator) -> _Rendered:
         rng=rng,
         canvas=canvas,
         phase=phase,
-        level=float(rng.uniform(*SLICE_LEVEL_RANGE)),
+        level=_slice_level(label, float(rng.uniform(*levels)), levels),
         hu=_sample_tissues(rng, phase),
         texture_coarse=_smooth_field(rng, size, max(TEXTURE_COARSE_MM / canvas.px, 0.7)),
         texture_fine=_smooth_field(rng, size, max(TEXTURE_FINE_MM / canvas.px, 0.5)),
@@ -533,10 +585,19 @@ def _render(label: str, size: int, rng: np.random.Generator) -> _Rendered:
     _draw_psoas(st)
     _draw_vertebra(st)
     _draw_ribs(st)
+    _keep_visible_liver(st)
     _LESIONS[label](st)
 
     hu = _image_formation(st)
     return _Rendered(hu=hu, layers=st.layers)
+
+
+def _keep_visible_liver(st: _Slice) -> None:
+    """Narrow the "liver" layer to where the liver is still seen: organs drawn after it (gallbladder,
+    kidneys and their fat, spleen, vessels, spine) cover parts of its outline, and lesions of the liver
+    must not land on them."""
+    changed = np.abs(st.canvas.hu - st.liver_hu) * (1.0 / 20.0)  # HU; partial-volume edges fade out
+    st.layers["liver"] *= np.clip(1.0 - changed, 0.0, 1.0)
 
 
 def _image_formation(st: _Slice) -> np.ndarray:
@@ -546,7 +607,7 @@ def _image_formation(st: _Slice) -> np.ndarray:
     kernel = _gaussian_matrix(cv.size, sigma_px)
     centre_row = kernel[cv.size // 2]
     noise_gain = float(np.sum(centre_row**2))  # SD of blurred white noise of unit SD (separable kernel)
-    noise_sd = st.within(NOISE_SD_HU)
+    noise_sd = st.within(NOISE_SD_HU) * min(1.0, NOISE_REFERENCE_MM / cv.px)
     noisy = cv.hu + rng.standard_normal(cv.hu.shape) * (noise_sd / noise_gain)
     blurred = kernel @ noisy @ kernel.T
     return np.clip(blurred, HU_FLOOR, HU_CEILING).astype(np.float32)
@@ -832,11 +893,15 @@ def _draw_liver(st: _Slice) -> None:
     cv.paint(_Mask(box, liver), value)
     st.ivc = (st.spine_x - st.u(18.0, 30.0), st.vertebra_y - st.vertebra_b - st.u(5.0, 16.0))
     _draw_liver_vessels(st, liver)
+    st.liver_hu = cv.hu.copy()
 
 
-def _draw_gallbladder(st: _Slice) -> None:
-    """Sometimes: the gallbladder, a bile-filled oval in the fossa under the liver (mimics ducts, cysts)."""
-    if not 0.2 < st.level < 0.85 or not st.chance(0.4):
+def _draw_gallbladder(st: _Slice, always: bool = False) -> None:
+    """Sometimes: the gallbladder, a bile-filled oval in the fossa under the liver (mimics ducts, cysts).
+
+    ``always``: draw it whatever the level (for gallstones).
+    """
+    if not always and (not 0.2 < st.level < 0.85 or not st.chance(0.4)):
         return
     cv = st.canvas
     cx, cy, a, b = st.liver_right
@@ -847,6 +912,9 @@ def _draw_gallbladder(st: _Slice) -> None:
     cv.paint(wall, st.hu["bowel_wall"])
     cv.paint(gallbladder, st.hu["bile"])
     cv.cut_from(st.layers["liver"], gallbladder)
+    st.gallbladder = (x, y, ga, gb, ang)
+    st.layers["gallbladder"] = cv.layer()
+    cv.add_to(st.layers["gallbladder"], gallbladder)
 
 
 def _draw_spleen(st: _Slice) -> None:
@@ -1011,15 +1079,46 @@ def _paint_renal_cyst(st: _Slice, k: _Kidney, diameter_mm: float) -> None:
     cv.paint(cv.ellipse(x, y, r, r * st.u(0.85, 1.0), st.u(0, math.pi)), st.within(CYST_HU))
 
 
-def _renal_cyst(st: _Slice) -> None:
-    """``cyst``: one or more simple renal cysts: round, sharp, water density, non-enhancing."""
+def _cysts(st: _Slice) -> None:
+    """``cyst``: one or more simple cysts, hepatic or renal: round, sharp, water density, non-enhancing."""
+    if st.chance(HEPATIC_CYST_PROBABILITY):
+        liver = st.layers["liver"]
+        for _ in range(st.integer(CYST_COUNT[0], CYST_COUNT[1] + 1)):
+            x, y = _point_in_liver(st)
+            r = st.within(CYST_DIAMETER_MM) / 2.0
+            m = st.canvas.ellipse(x, y, r, r * st.u(0.85, 1.0), st.u(0, math.pi))
+            st.canvas.paint(m.times(liver) if m else None, st.within(CYST_HU))
+        return
     k = _pick_kidney(st)
     for _ in range(st.integer(CYST_COUNT[0], CYST_COUNT[1] + 1)):
         _paint_renal_cyst(st, k if st.chance(0.75) else _pick_kidney(st), st.within(CYST_DIAMETER_MM))
 
 
+def _gallstones(st: _Slice) -> None:
+    """Calcified gallstones layering in the dependent (posterior) part of the gallbladder."""
+    if st.gallbladder is None:
+        _draw_gallbladder(st, always=True)
+    x, y, a, b, _ = st.gallbladder
+    radius = min(a, b)
+    density = st.within(GALLSTONE_HU)  # one density per gallbladder: stones of one kind
+    for _ in range(st.integer(GALLSTONE_COUNT[0], GALLSTONE_COUNT[1] + 1)):
+        r = min(st.within(CALCULUS_DIAMETER_MM) / 2.0, 0.8 * radius)
+        sx = x + st.u(-0.6, 0.6) * (a - r)
+        sy = y + st.u(0.0, 0.8) * (radius - r)
+        wobble = ((4, st.u(0.0, 0.12), st.u(0, math.tau)),)  # faceted
+        st.canvas.paint(st.canvas.ellipse(sx, sy, r, r * st.u(0.75, 1.0), st.u(0, math.pi), wobble), density)
+
+
+def _calculi(st: _Slice) -> None:
+    """``calculi``: dense stones, in the gallbladder (cholelithiasis) or the kidney (:func:`_renal_calculi`)."""
+    if st.chance(GALLSTONE_PROBABILITY):
+        _gallstones(st)
+    else:
+        _renal_calculi(st)
+
+
 def _renal_calculi(st: _Slice) -> None:
-    """``calculi``: dense stones in the collecting system (pelvis, calyces), or a branching staghorn cast.
+    """Dense stones in the renal collecting system (pelvis, calyces), or a branching staghorn cast.
 
     Sometimes the stone obstructs and the pelvis around it is dilated (hydronephrosis).
     """
@@ -1078,17 +1177,36 @@ def _frame(k: _Kidney, vec: tuple[float, float]) -> tuple[float, float]:
     return c * vec[0] + s * vec[1], -s * vec[0] + c * vec[1]
 
 
-def _draw_duct_tree(st: _Slice, root: tuple[float, float], targets: list[tuple[float, float]],
-                    dot_probability: float) -> None:
-    """Dilated bile ducts from ``root`` to each target: fusiform segments, saccules, central dots.
+def _duct_sites(st: _Slice, count: int, centre: tuple[float, float] | None, spread: float) -> list[tuple[float, float]]:
+    """``count`` points inside the liver: near ``centre`` (within ``spread`` mm), or anywhere when None."""
+    liver, cv = st.layers["liver"], st.canvas
+    sites = []
+    for _ in range(count):
+        for _attempt in range(6):  # a point of the segment that is liver on this slice, if one is found
+            if centre is None:
+                x, y = _point_in_liver(st)
+            else:
+                t, r = st.u(0, math.tau), spread * math.sqrt(st.fraction())
+                x, y = centre[0] + r * math.cos(t), centre[1] + r * math.sin(t)
+            j, i = (int((v + FOV_MM / 2.0) / cv.px) for v in (x, y))
+            if 0 <= i < cv.size and 0 <= j < cv.size and liver[i, j] > 0.5:
+                break
+        sites.append((x, y))
+    return sites
 
-    Ducts are clipped to the liver. Each branch may fork once more towards a nearby point.
+
+def _draw_dilated_ducts(st: _Slice, root: tuple[float, float], sites: list[tuple[float, float]],
+                        diameter_mm: tuple[float, float], dot_probability: float, stone_probability: float) -> None:
+    """Dilated bile ducts from ``root`` to a saccule at each site: fusiform duct segments, a side branch
+    now and then, and round water-density saccules holding the central dot sign or an intraductal stone.
+
+    Everything is clipped to the liver.
     """
     cv, hu = st.canvas, st.hu
     liver = st.layers["liver"]
     bile = hu["bile"]
     dot_value = hu["vein"] if st.phase == PORTAL else st.within(SOFT_TISSUE_DOT_HU)
-    for tx, ty in targets:
+    for tx, ty in sites:
         rx, ry = root
         n = 4
         xs = [rx + (tx - rx) * i / (n - 1) + (st.u(-6.0, 6.0) if 0 < i < n - 1 else 0.0) for i in range(n)]
@@ -1104,35 +1222,36 @@ def _draw_duct_tree(st: _Slice, root: tuple[float, float], targets: list[tuple[f
             m = cv.tube([xs[i], bx], [ys[i], by], [radii[i] * 0.8, base * 0.6])
             if m is not None:
                 cv.paint(m.times(liver), bile)
-        for _ in range(st.integer(SACCULES_PER_BRANCH[0], SACCULES_PER_BRANCH[1] + 1)):  # saccular dilatations
-            i = st.integer(1, n)
-            sr = st.within(SACCULE_RADIUS_MM)
-            sac = cv.ellipse(xs[i], ys[i], sr, sr * st.u(0.7, 1.0), st.u(0, math.pi))
-            if sac is None:
-                continue
-            cv.paint(sac.times(liver), bile)
-            if st.chance(dot_probability):  # central dot sign: the portal radicle inside the duct
-                dr = st.within(CENTRAL_DOT_RADIUS_MM)
-                dot = cv.ellipse(xs[i] + st.u(-0.3, 0.3) * sr, ys[i] + st.u(-0.3, 0.3) * sr, dr, dr)
-                if dot is not None:
-                    cv.paint(dot.times(liver), dot_value)
+        sr = st.within(diameter_mm) / 2.0  # the saccule at the end of the duct
+        sac = cv.ellipse(tx, ty, sr, sr * st.u(0.75, 1.0), st.u(0, math.pi))
+        if sac is None:
+            continue
+        cv.paint(sac.times(liver), bile)
+        if st.chance(stone_probability):  # a stone lying in the dependent part of the saccule
+            cr = min(st.within(INTRADUCTAL_STONE_DIAMETER_MM) / 2.0, 0.8 * sr)
+            stone = cv.ellipse(tx + st.u(-0.3, 0.3) * (sr - cr), ty + st.u(0.2, 0.9) * (sr - cr), cr,
+                               cr * st.u(0.7, 1.0), st.u(0, math.pi))
+            cv.paint(stone.times(liver) if stone else None, st.within(INTRADUCTAL_STONE_HU))
+        elif st.chance(dot_probability):  # central dot sign: the portal radicle inside the duct
+            dr = st.within(CENTRAL_DOT_RADIUS_MM)
+            dot = cv.ellipse(tx + st.u(-0.3, 0.3) * sr, ty + st.u(-0.3, 0.3) * sr, dr, dr)
+            cv.paint(dot.times(liver) if dot else None, dot_value)
 
 
 def _caroli_focal(st: _Slice) -> None:
-    """``caroli-focal``: saccular/fusiform duct dilatation confined to one segment (often the left lobe)."""
+    """``caroli-focal``: a few saccular dilatations confined to one segment (often of the left lobe)."""
+    count = st.integer(FOCAL_SACCULES[0], FOCAL_SACCULES[1] + 1)
+    spread = st.within(FOCAL_SEGMENT_RADIUS_MM)
     if st.liver_left is not None and st.chance(0.65):
-        lx, ly, la, lb, lang = st.liver_left
-        targets = [_point_in_liver(st, "left") for _ in range(st.integer(3, 6))]
+        lx, ly, la, _, lang = st.liver_left
+        centre = _point_in_liver(st, "left")
         root = (lx - 0.6 * la * math.cos(lang), ly - 0.6 * la * math.sin(lang))
     else:
-        cx, cy, a, b = st.liver_right
         centre = _point_in_liver(st, "right")
-        spread = 0.35 * min(a, b)
-        targets = [(centre[0] + st.u(-spread, spread), centre[1] + st.u(-spread, spread))
-                   for _ in range(st.integer(3, 6))]
         hx, hy = st.liver_hilum
         root = (hx + 0.4 * (centre[0] - hx), hy + 0.4 * (centre[1] - hy))
-    _draw_duct_tree(st, root, targets, dot_probability=0.6)
+    _draw_dilated_ducts(st, root, _duct_sites(st, count, centre, spread), FOCAL_SACCULE_DIAMETER_MM,
+                        dot_probability=0.6, stone_probability=FOCAL_STONE_PROBABILITY)
 
 
 def _caroli_syndrome_anatomy(st: _Slice) -> None:
@@ -1145,10 +1264,11 @@ def _caroli_syndrome_anatomy(st: _Slice) -> None:
 
 
 def _caroli_diffuse(st: _Slice) -> None:
-    """``caroli-diffuse``: dilated ducts throughout the liver, plus often polycystic-looking kidneys."""
-    targets = [_point_in_liver(st) for _ in range(st.integer(5, 11))]
-    _draw_duct_tree(st, st.liver_hilum, targets, dot_probability=0.5)
-    if st.chance(0.6):
+    """``caroli-diffuse``: many smaller saccules throughout the liver, plus often polycystic-looking kidneys."""
+    count = st.integer(DIFFUSE_SACCULES[0], DIFFUSE_SACCULES[1] + 1)
+    _draw_dilated_ducts(st, st.liver_hilum, _duct_sites(st, count, None, 0.0), DIFFUSE_SACCULE_DIAMETER_MM,
+                        dot_probability=0.5, stone_probability=DIFFUSE_STONE_PROBABILITY)
+    if st.chance(POLYCYSTIC_KIDNEY_PROBABILITY):
         for k in st.kidneys:
             for _ in range(st.integer(1, 6)):
                 _paint_renal_cyst(st, k, st.within(POLYCYSTIC_CYST_DIAMETER_MM))
@@ -1156,9 +1276,10 @@ def _caroli_diffuse(st: _Slice) -> None:
 
 _LESIONS: dict[str, Callable[[_Slice], None]] = {
     "normal": _no_lesion,
-    "cyst": _renal_cyst,
-    "calculi": _renal_calculi,
+    "cyst": _cysts,
+    "calculi": _calculi,
     "tumour": _renal_tumour,
     "caroli-focal": _caroli_focal,
     "caroli-diffuse": _caroli_diffuse,
+    **{name: _no_lesion for name in LEVEL_CLASSES},
 }

@@ -1,9 +1,11 @@
 """Tests of the synthetic abdominal CT phantom (mltl_ct.phantom): determinism, shapes, HU sanity, windowing."""
 
+import functools
+
 import numpy as np
 import pytest
-
-from mltl_ct.phantom import CLASSES, WINDOWS, _render, apply_window, generate, slice_hu
+from mltl_ct import phantom
+from mltl_ct.phantom import CLASSES, LEVEL_CLASSES, WINDOWS, _render, apply_window, generate, slice_hu
 
 
 def rng_for(seed, label, i):
@@ -85,7 +87,17 @@ def test_air_outside_the_body_and_soft_tissue_inside():
             assert abs(float(corner.mean()) + 1000.0) < 30.0
         centre = hu[24:40, 24:40]  # mid-abdomen: organs, bowel, fat, vessels
         assert -300.0 < float(np.median(centre)) < 250.0
-        assert hu.max() > 500.0  # the vertebra
+        assert hu.max() > 400.0  # the vertebra (partial-volumed at 64 px), denser than any soft tissue
+
+
+def test_noise_is_averaged_down_on_coarse_pixels():
+    # NOISE_SD_HU holds per pixel of NOISE_REFERENCE_MM; a 64-px slice's 5.5 mm pixels average it down
+    def air_noise(size):
+        return np.mean([float(slice_hu("normal", size, np.random.default_rng(i))[:8, :8].std()) for i in range(4)])
+
+    fine, coarse = air_noise(256), air_noise(64)  # 1.37 mm and 5.47 mm pixels
+    assert 3.0 < fine < 25.0
+    assert coarse < 0.5 * fine
 
 
 def kidney_max_hu(label, n, size=96):
@@ -98,23 +110,90 @@ def kidney_max_hu(label, n, size=96):
     return np.array(maxima)
 
 
+@functools.cache
+def liver_stats(label, n=12, size=96):
+    """Per slice: the share of water-density (bile, cyst) pixels in the visible liver, and its highest HU."""
+    shares, maxima = [], []
+    for i in range(n):
+        rendered = _render(label, size, rng_for(0, label, i))
+        liver = rendered.layers["liver"] > 0.9
+        shares.append(float(np.mean(rendered.hu[liver] < 25.0)))
+        maxima.append(float(rendered.hu[liver].max()))
+    return np.array(shares), np.array(maxima)
+
+
+def test_caroli_saccules_add_bile_density_to_the_liver():
+    normal, _ = liver_stats("normal")
+    for label in ("caroli-focal", "caroli-diffuse"):
+        caroli, _ = liver_stats(label)
+        assert caroli.mean() > normal.mean() + 0.03, label
+        assert np.mean(caroli > normal.max()) >= 0.7, label  # most slices show it, not a few outliers
+
+
+def test_caroli_saccules_hold_stones_the_normal_liver_has_none():
+    # intraductal stones (hepatolithiasis): the calculi primitive of the intermediate findings, in the liver
+    _, normal = liver_stats("normal")
+    _, focal = liver_stats("caroli-focal")
+    _, diffuse = liver_stats("caroli-diffuse")
+    assert normal.max() < 250.0  # enhanced liver and vessels stay below 200 HU, plus noise
+    assert np.mean(focal > 300.0) >= 0.4  # FOCAL_STONE_PROBABILITY per saccule, partial-volumed
+    assert np.mean(np.concatenate([focal, diffuse]) > 300.0) >= 0.4
+
+
+def test_focal_saccules_stay_in_one_segment_and_diffuse_ones_spread(monkeypatch):
+    sites = {}
+    draw = phantom._draw_dilated_ducts
+
+    def spy(st, root, where, *args, **kwargs):
+        sites.setdefault(label, []).append(np.array(where))
+        return draw(st, root, where, *args, **kwargs)
+
+    monkeypatch.setattr(phantom, "_draw_dilated_ducts", spy)
+    for label in ("caroli-focal", "caroli-diffuse"):
+        for i in range(12):
+            _render(label, 48, rng_for(0, label, i))
+
+    def span(points):  # the largest distance between two saccules of one slice, mm
+        return max(float(np.hypot(*(a - b))) for a in points for b in points)
+
+    focal_counts = [len(p) for p in sites["caroli-focal"]]
+    diffuse_counts = [len(p) for p in sites["caroli-diffuse"]]
+    assert min(focal_counts) >= phantom.FOCAL_SACCULES[0] and max(focal_counts) <= phantom.FOCAL_SACCULES[1]
+    assert min(diffuse_counts) >= phantom.DIFFUSE_SACCULES[0]
+    assert max(span(p) for p in sites["caroli-focal"]) <= 2 * phantom.FOCAL_SEGMENT_RADIUS_MM[1]
+    assert np.median([span(p) for p in sites["caroli-diffuse"]]) > np.median([span(p) for p in sites["caroli-focal"]])
+
+
+def test_cysts_are_hepatic_or_renal():
+    # the common findings share the rare target's primitives: water-density cysts in the liver too
+    normal, _ = liver_stats("normal")
+    cyst, _ = liver_stats("cyst")
+    hepatic = cyst > normal.max()
+    assert 0.2 <= hepatic.mean() <= 0.8  # HEPATIC_CYST_PROBABILITY = 0.5; the rest are renal
+
+
 def test_calculi_are_dense_and_normal_kidneys_are_not():
-    calculi = kidney_max_hu("calculi", 12)  # stones are 200-1500 HU, some tiny and partial-volumed
+    calculi = []
+    for i in range(12):  # renal stones, or calcified gallstones
+        rendered = _render("calculi", 96, rng_for(0, "calculi", i))
+        inside = np.maximum(rendered.layers["kidney"], rendered.layers.get("gallbladder", 0.0)) > 0.5
+        calculi.append(float(rendered.hu[inside].max()))
     normal = kidney_max_hu("normal", 12)  # enhanced cortex is at most 200 HU, plus noise
-    assert np.mean(calculi > 300.0) >= 0.6
+    assert np.mean(np.array(calculi) > 300.0) >= 0.6
     assert np.mean(normal > 300.0) <= 0.1
 
 
-def test_caroli_ducts_add_bile_density_to_the_liver():
-    def bile_fraction(label):
-        fractions = []
-        for i in range(10):
-            rendered = _render(label, 96, rng_for(0, label, i))
-            liver = rendered.layers["liver"] > 0.9
-            fractions.append(float(np.mean(rendered.hu[liver] < 25.0)))
-        return np.mean(fractions)
-
-    assert bile_fraction("caroli-diffuse") > bile_fraction("normal") + 0.05
+def test_level_classes_are_lesion_free_slices_from_their_third_of_the_abdomen():
+    low, high = phantom.SLICE_LEVEL_RANGE
+    for k, label in enumerate(LEVEL_CLASSES):
+        for drawn in np.linspace(low, high, 7):
+            level = phantom._slice_level(label, float(drawn))
+            assert low + (high - low) * k / 3 - 1e-9 <= level <= low + (high - low) * (k + 1) / 3 + 1e-9
+    assert phantom._slice_level("normal", 0.5) == 0.5
+    # the upper abdomen has the big liver, the lower one its tip
+    liver = {label: np.mean([_render(label, 48, rng_for(0, label, i)).layers["liver"].sum() for i in range(6)])
+             for label in ("level-upper", "level-lower")}
+    assert liver["level-upper"] > 1.5 * liver["level-lower"]
 
 
 # --- errors -----------------------------------------------------------------------------------------------
@@ -172,7 +251,8 @@ def test_windows():
         "bone": (400.0, 1800.0),
         "lung": (-600.0, 1500.0),
     }
-    assert CLASSES == ("normal", "cyst", "calculi", "tumour", "caroli-focal", "caroli-diffuse")
+    assert CLASSES == ("normal", "cyst", "calculi", "tumour", "caroli-focal", "caroli-diffuse",
+                       "level-upper", "level-mid", "level-lower")
 
 
 # --- the ct-phantom domain plugin (mltl_ct/__init__.py) -----------------------------------------------------
@@ -193,6 +273,29 @@ def test_domain_plugin_caches_and_checks(tmp_path, monkeypatch):
         reg.create("domain", "ct-phantom", {"classes": ["normal", "kidney"]}, extra={"image_size": 32})
     with pytest.raises(mltl.UserError, match='unknown window "brain"'):
         reg.create("domain", "ct-phantom", {"window": "brain"}, extra={"image_size": 32})
+
+
+def test_levels_choose_the_slices_and_default_to_the_whole_range(tmp_path, monkeypatch):
+    import mltl
+
+    monkeypatch.setenv("MLTL_CACHE_DIR", str(tmp_path))
+    whole, _ = generate(["normal"], 4, size=32, seed=3)
+    explicit, _ = generate(["normal"], 4, size=32, seed=3, levels=phantom.SLICE_LEVEL_RANGE)
+    assert (whole == explicit).all()  # the default is the whole range, byte for byte
+    # through the liver (upper abdomen) the liver is large; at the lower levels only its tip shows
+    def liver(levels):
+        return np.mean([_render("normal", 48, rng_for(1, "normal", i), levels).layers["liver"].sum() for i in range(8)])
+
+    assert liver((0.03, 0.45)) > 2.0 * liver((0.55, 0.97))
+    reg = mltl.get_registry()
+    upper = reg.create("domain", "ct-phantom", {"classes": ["normal", "cyst"], "images_per_class": 3,
+                                                "levels": [0.03, 0.45]}, extra={"image_size": 32})
+    assert "levels 0.03-0.45" in upper.description and len(list(tmp_path.rglob("*.npz"))) == 1
+    for bad in ([0.5, 0.2], [0.0, 0.4], [0.1]):
+        with pytest.raises(mltl.UserError, match=r"levels must be \[low, high\]"):
+            reg.create("domain", "ct-phantom", {"levels": bad}, extra={"image_size": 32})
+    with pytest.raises(ValueError, match="levels must be"):
+        generate(["normal"], 1, size=32, levels=(0.6, 0.4))
 
 
 def test_cache_key_follows_the_generator_code(tmp_path, monkeypatch):
