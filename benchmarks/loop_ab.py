@@ -17,12 +17,14 @@ ratio ``b_over_a``; below 1 means B is faster):
                      thread (``mltl.data.stream``, forced with a tiny device budget).
 
     python benchmarks/loop_ab.py --before 7c6fb01 --threads 1
+    python benchmarks/loop_ab.py --before f389b13 --backbone gfe-1 --head 256,128 --optimizer adamw --lr 0.0005 \
+        --batch-size 16                                 # the demo target's network and optimizer
     python benchmarks/loop_ab.py --before 7c6fb01 --augment hflip,vflip,shift --threads 1
     python benchmarks/loop_ab.py --stream --stored-size 256 --threads 1
     python benchmarks/loop_ab.py --before HEAD --device cuda --size 150 --channels 3 --data FOLDER --per-class 0
 
 Data: an image folder (default: 64 images per class of ../shared/data/ct_kidney, else a generated CT
-phantom folder), GFE-II, batch 64, SGD, 10% validation; alternating order every round. Each fit runs
+phantom folder), GFE-II (``--backbone``), batch 64, SGD (``--optimizer``), 10% validation; alternating order every round. Each fit runs
 ``--epochs`` epochs (default 2) and the median of its epochs after the first is its time. On CUDA (``--device
 cuda``) the images are resident on the GPU (or streamed from the host with ``--stream``), fit uses bf16
 autocast and channels_last as always, and each side's peak GPU memory is reported.
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2, help="epochs per fit; the median of those after the first "
                                                           "is the fit's time (default 2)")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--backbone", default="gfe-2", choices=["gfe-1", "gfe-2"])
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--head", default="", help="the head's dense widths, comma-separated (the demo's: 256,128)")
     args = ap.parse_args(argv)
     if sum(map(bool, (args.before, args.before_file, args.stream))) != 1:
         ap.error("give exactly one of --before COMMIT, --before-file FILE or --stream")
@@ -151,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     tr, va = perm[n_val:], perm[:n_val]
     aug = tuple(a for a in args.augment.split(",") if a)
     inp = InputConfig(size=args.size, channels=chans)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, schedule="constant", augment=aug)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, schedule="constant", augment=aug,
+                      optimizer=args.optimizer, lr=args.lr)
+    head = HeadSpec(dense=tuple(int(w) for w in args.head.split(",") if w), dropout=0.5 if args.head else 0.0)
     resident = load_images(dom.images, size=args.size, channels=chans, device=dev)
     y = y.to(dev)
     tr_d, va_d = tr.to(dev), va.to(dev)
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in ("a", "b") if r % 2 == 0 else ("b", "a"):
             mod, x = sides[side]
             torch.manual_seed(0)
-            net = build_network(make_spec("gfe-2", {}, chans, args.size, HeadSpec(), dom.classes), mltl.get_registry())
+            net = build_network(make_spec(args.backbone, {}, chans, args.size, head, dom.classes), mltl.get_registry())
             net.to(dev)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -190,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 peak_mb[side].append(round(torch.cuda.max_memory_allocated(dev) / 2**20, 1))
             del net
     a, b = statistics.median(times["a"]), statistics.median(times["b"])
-    out = {"kind": "summary", "a": names["a"], "b": names["b"], "augment": list(aug), "n_train": len(tr),
+    out = {"kind": "summary", "a": names["a"], "b": names["b"], "backbone": args.backbone, "head": list(head.dense),
+           "optimizer": args.optimizer, "lr": args.lr, "augment": list(aug), "n_train": len(tr),
            "n_val": len(va), "size": args.size, "channels": chans, "batch_size": args.batch_size,
            "epochs_per_fit": args.epochs, "rounds": args.rounds, "data": str(root),
            "a_epoch_seconds": [round(t, 4) for t in times["a"]],

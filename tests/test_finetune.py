@@ -280,3 +280,31 @@ def test_a_checkpoint_missing_a_key_or_with_a_wrong_shape_or_epoch_is_one_line(d
     with pytest.raises(mltl.UserError, match="damaged training checkpoint") as info:
         fit(fresh, train, train, cfg, INP, classes=classes, seed=6, checkpoint=ckpt)
     assert words in str(info.value) and "\n" not in str(info.value) and "delete it" in str(info.value)
+
+
+def test_adamw_uses_the_fused_kernel_and_takes_the_reference_step(data):
+    """AdamW is built with the fused kernel (about twice as fast on CPU for GFE-I, docs/performance.md); its
+    steps are the reference implementation's up to float rounding, and they do change the weights."""
+    train, classes = data
+
+    def plain():  # no BatchNorm: a conv bias before BatchNorm has a zero gradient, which Adam turns into noise
+        torch.manual_seed(0)
+        return build_network(make_spec("gfe-2", {}, 1, SIZE, HeadSpec(dense=(16,)), classes), get_registry())
+
+    net, ref = plain(), plain()
+    cfg = TrainConfig(epochs=1, batch_size=12, optimizer="adamw", lr=0.01, weight_decay=0.05)
+    opt = train_mod.make_optimizer(net, cfg)
+    assert opt.defaults["fused"] is True
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=0.01, weight_decay=0.05)
+    x = train.x[:12].float() / 255
+    for _ in range(3):
+        for model, o in ((net, opt), (ref, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), train.y[:12]).backward()
+            o.step()
+    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # a step moves a weight by ~0.01
+    changed = False
+    for a, b in zip(net.parameters(), plain().parameters()):
+        changed |= not torch.equal(a, b)
+    assert changed

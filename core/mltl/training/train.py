@@ -194,7 +194,10 @@ def make_optimizer(net: nn.Module, cfg: TrainConfig, tuning: FineTuning | None =
         params = tuning.param_groups(cfg.lr, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:  # the fused kernel: the same update, about twice as fast on CPU for GFE-I (docs/performance.md)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.inference_mode()
