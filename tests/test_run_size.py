@@ -8,7 +8,8 @@ import torch
 
 import mltl
 from mltl.deploy.predict import load_stage
-from mltl.running.rundir import StageFiles, load_weights, prune_stage, served
+from mltl.running import rundir
+from mltl.running.rundir import StageFiles, link_or_copy_atomic, load_weights, prune_stage, served
 
 
 def _stage(tmp_path, finished=True):
@@ -59,6 +60,31 @@ def test_served_is_the_final_model_only_where_model_json_names_it(tmp_path):
     assert served(files) == files.final
 
 
+def test_the_stage_copy_of_a_repeat_file_is_a_hard_link_that_a_later_write_separates(tmp_path):
+    """A repeated stage's own model is its representative repeat's: one copy on disk, not two (26 MB per
+    GFE-I model). Writes replace files, so rewriting one name leaves the other as it was."""
+    src, dst = tmp_path / "rep.bin", tmp_path / "stage.bin"
+    src.write_bytes(b"weights")
+    dst.write_bytes(b"old")
+    link_or_copy_atomic(src, dst)
+    assert dst.read_bytes() == b"weights" and dst.samefile(src)
+    rundir.write_bytes_atomic(dst, b"new")
+    assert src.read_bytes() == b"weights" and dst.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep.bin", "stage.bin"]  # no temporary left
+
+
+def test_without_hard_links_it_copies(tmp_path, monkeypatch):
+    def no_links(*_):
+        raise OSError("hard links are not supported here")
+
+    monkeypatch.setattr(rundir.os, "link", no_links)
+    src, dst = tmp_path / "rep.bin", tmp_path / "stage.bin"
+    src.write_bytes(b"weights")
+    link_or_copy_atomic(src, dst)
+    assert dst.read_bytes() == b"weights" and not dst.samefile(src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep.bin", "stage.bin"]
+
+
 ONE_STAGE = """
 [run]
 name = "keep-all"
@@ -92,4 +118,5 @@ def test_keep_all_and_no_final_model_give_the_old_run_folder(tmp_path):
     stage = load_stage(d)
     assert stage.path == d and stage.record["model"] == "selected (repeat seed-1)"
     rep, _ = load_weights(d / "repeats" / "seed-1" / "model.safetensors")
+    assert (d / "model.safetensors").samefile(d / "repeats" / "seed-1" / "model.safetensors")
     assert all(torch.equal(v, rep[k]) for k, v in stage.network.state_dict().items())

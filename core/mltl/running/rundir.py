@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -77,6 +78,29 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def link_or_copy_atomic(src: Path, path: Path) -> None:
+    """``path`` becomes a hard link to ``src`` (one copy on disk for both names) where the file system allows,
+    else an atomic copy. Safe because mltl never edits a stage's file in place: every write replaces it."""
+    if not _distributed.is_writer():
+        return
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # the name a killed write's leftover has
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, path)
+    except OSError:  # no hard links here (some network and FAT file systems): a copy
+        tmp.unlink(missing_ok=True)
+        write_bytes_atomic(path, Path(src).read_bytes())
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """``shutil.copytree``'s copy function: a hard link where possible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -594,7 +618,7 @@ def write_repeated_stage(files: StageFiles, representative: str, oof_csv: str | 
     rep = files.repeat(representative).root
     for name in files.REPRESENTATIVE:
         if (rep / name).is_file():
-            write_bytes_atomic(files.root / name, (rep / name).read_bytes())
+            link_or_copy_atomic(rep / name, files.root / name)
     if final is not None:
         info = json.loads((rep / files.MODEL_JSON).read_text())
         info = {**info, "model": f"repeat {representative} (the representative repeat; the stage serves "
@@ -771,9 +795,10 @@ def finished_repeat(files: StageFiles) -> bool:
 
 def copy_stage(src: Path, stage_dir: Path) -> None:
     """Copy a finished stage folder whole into a temporary folder, then rename it: a crash leaves no
-    half-copied stage behind (and ``metrics.json``, which marks a stage finished, only ever with the rest)."""
+    half-copied stage behind (and ``metrics.json``, which marks a stage finished, only ever with the rest).
+    Files are hard-linked where the file system allows, so a reused stage takes no second copy on disk."""
     tmp = stage_dir.parent / f".{stage_dir.name}.reuse-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
     shutil.rmtree(stage_dir, ignore_errors=True)
     tmp.replace(stage_dir)
