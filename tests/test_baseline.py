@@ -100,3 +100,58 @@ def test_the_scratch_stage_drops_pretrained_weights():
     swept = scratch_stage([{**stages[0], "backbone": {"sweep": [{"name": "timm", "model": "resnet18",
                                                                   "pretrained": True}, "gfe-1"]}}, stages[1]])
     assert swept["backbone"] == {"sweep": [{"name": "timm", "model": "resnet18"}, "gfe-1"]}
+
+
+def test_restrict_to_backbone_keeps_the_selected_backbones_variants():
+    from mltl.config import parse_config, restrict_to_backbone, scratch_stage
+
+    stages = [{"name": "s", "domain": {"plugin": "fractal"}, "backbone": {"sweep": [
+                   "gfe-1", {"name": "gfe-2", "batch_norm": True}]}},
+              {"name": "t", "init": "s", "domain": {"plugin": "fractal"}}]
+    raw = {"run": {"name": "r"}, "stages": [scratch_stage(stages)]}
+    stage = parse_config(raw).stages[0]
+    assert len(stage.variants) == 2
+    one = restrict_to_backbone(stage, "gfe-2", {"batch_norm": True, "weights": "w.safetensors"})
+    assert one.variants[0][0] == "" and len(one.variants) == 1 and one.swept == ()
+    assert one.first.backbone.name == "gfe-2" and one.first.backbone.options == {"batch_norm": True}
+    assert restrict_to_backbone(stage, "gfe-2", {}) is stage  # no variant has it: unchanged
+    # another sweep stays; only the backbone's values are narrowed
+    raw["stages"][0]["train"] = {"lr": {"sweep": [0.01, 0.001]}}
+    stage = parse_config(raw).stages[0]
+    two = restrict_to_backbone(stage, "gfe-1", {})
+    assert [c.train.lr for _, c in two.variants] == [0.01, 0.001]
+    assert {c.backbone.name for _, c in two.variants} == {"gfe-1"}
+
+
+SWEPT = TINY3.replace('backbone = "gfe-1"', 'backbone = { sweep = ["gfe-2", "gfe-1"] }\nselect_by = "loss"').replace("size = 32", "size = 56")
+
+
+@pytest.mark.slow
+def test_the_scratch_baseline_trains_the_backbone_the_first_stage_selected(tmp_path):
+    """With a swept first stage, the run's baseline and compare's scratch chain train the network the chain's
+    first stage selected, once: the same network as the chain's target, from random weights."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(SWEPT.replace('name = "shared"', 'name = "shared"\nbaseline = "scratch"'))
+    counter = EpochCounter()
+    mltl.register_plugin(counter, name="epoch-counter-test")
+    try:
+        result = mltl.run(cfg, out=tmp_path / "run", device="cpu")
+    finally:
+        mltl.unregister_plugin("epoch-counter-test")
+    run = result.run_dir
+    chosen = json.loads((run / "source" / "metrics.json").read_text())["selected_variant"]
+    spec = json.loads((run / "source" / "model.json").read_text())["spec"]
+    assert chosen == f"backbone={spec['backbone']}"
+    scratch = json.loads((run / "target-scratch" / "model.json").read_text())["spec"]
+    assert scratch["backbone"] == spec["backbone"] and not (run / "target-scratch" / "variants").exists()
+    assert counter.epochs["target-scratch"] == 1  # one backbone, one epoch: no sweep
+    assert f"selected (`{spec['backbone']}`)" in (run / "report.md").read_text()
+
+    cmp_cfg = tmp_path / "cmp.toml"
+    cmp_cfg.write_text(SWEPT)
+    compare(cmp_cfg, out=tmp_path / "cmp", device="cpu", n_resamples=50)
+    out = tmp_path / "cmp"
+    picked = json.loads((out / "single-stage" / "source" / "model.json").read_text())["spec"]["backbone"]
+    assert json.loads((out / "scratch" / "target" / "model.json").read_text())["spec"]["backbone"] == picked
+    assert 'name = "' + picked + '"' in (out / "scratch" / "config.toml").read_text()
+    assert not (out / "scratch" / "target" / "variants").exists()

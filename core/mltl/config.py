@@ -178,7 +178,7 @@ class RunSection:
     reporter_options: dict[str, Any] = attrs.field(factory=dict, metadata=doc('Options per reporter, e.g. { evaluation = { case_aggregate = "max" }, roc = { n_resamples = 2000 } }; checked against the reporter\'s own options (`mltl plugins` lists the reporters).'))
     device_memory_budget_gb: float | None = attrs.field(default=None, validator=_positive, metadata=doc("A domain whose decoded images (at the input size) exceed this stays in host memory and is streamed to the device in batches; default: half the free CUDA memory (on the CPU: the host budget)."))
     host_memory_budget_gb: float | None = attrs.field(default=None, validator=_positive, metadata=doc("Streamed images are prepared once in host memory when they fit this, else read and resized per batch from the domain's (possibly memory-mapped) array; default: half the available memory."))
-    baseline: Literal["none", "scratch"] = attrs.field(default="none", metadata=doc('"scratch": also train the last stage from scratch (a stage <last>-scratch: the first stage\'s backbone, randomly initialised, with the last stage\'s head, training settings, protocol and the very same splits); the report and the console then open with the chain against it on the same test images (both AUCs, the paired 95% CI of their difference). "none" (default): no baseline. See docs/evaluation.md.'))
+    baseline: Literal["none", "scratch"] = attrs.field(default="none", metadata=doc('"scratch": also train the last stage from scratch (a stage <last>-scratch: the backbone the first stage selected, or its only one, randomly initialised, with the last stage\'s head, training settings, protocol and the very same splits); the report and the console then open with the chain against it on the same test images (both AUCs, the paired 95% CI of their difference). "none" (default): no baseline. See docs/evaluation.md.'))
     keep: Literal["selected", "all"] = attrs.field(default="selected", metadata=doc('What the run folder keeps once a stage\'s record is on disk: "selected" (default: the model of each stage, of each repeat and the final model; sweep variants keep their histories and records, not their weights; finished checkpoints are removed) or "all" (every sweep variant\'s weights too).'))
 
     @device.validator
@@ -452,7 +452,8 @@ def scratch_stage(raw_stages: list[dict[str, Any]], name: str | None = None) -> 
     initialised: no ``init``, nothing frozen, and without its pretrained-weight options ``weights``,
     ``pretrained``, so an ImageNet-started chain is compared with a truly untrained network), the head the last stage ends up with, and everything else of the
     last stage (domain, split, training, select_by). ``name``: default the last stage's own. ``mltl compare``'s
-    scratch chain and ``[run] baseline = "scratch"`` both use it."""
+    scratch chain and ``[run] baseline = "scratch"`` both use it; where the first stage sweeps backbones, both
+    then keep the one it selected (:func:`restrict_to_backbone`, :func:`mltl.running.compare.compare`)."""
     first, last = raw_stages[0], raw_stages[-1]
     out = {k: copy.deepcopy(v) for k, v in last.items() if k not in ("init", "freeze", "head", "backbone")}
     out["backbone"] = _without_weights(copy.deepcopy(first["backbone"]))
@@ -475,6 +476,24 @@ def _without_weights(backbone: Any) -> Any:
             return {**backbone, "sweep": [_without_weights(b) for b in backbone["sweep"]]}
         return {k: v for k, v in backbone.items() if k not in WEIGHT_OPTIONS}
     return backbone
+
+
+def restrict_to_backbone(stage: Stage, name: str, options: dict[str, Any]) -> Stage:
+    """A scratch stage (:func:`scratch_stage`) whose backbone is a sweep, kept to the variants of one backbone:
+    the one the chain's first stage selected and handed on (``name``, ``options``; options that load weights
+    are ignored, as the scratch stage has none). The baseline then isolates what the handed-down weights
+    add: the same network, randomly initialised. Unchanged when no variant or every variant has it."""
+    def plain(n: str, o: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return n, {k: v for k, v in o.items() if k not in WEIGHT_OPTIONS}
+
+    want = plain(name, options)
+    keep = tuple((label, cfg) for label, cfg in stage.variants
+                 if cfg.backbone is not None and plain(cfg.backbone.name, cfg.backbone.options) == want)
+    if not keep or len(keep) == len(stage.variants):
+        return stage
+    if len(keep) == 1:  # no sweep left: a plain stage (no variants/ folders, no selection)
+        return attrs.evolve(stage, variants=(("", keep[0][1]),), swept=())
+    return attrs.evolve(stage, variants=keep)  # another sweep remains (its labels still name the backbone)
 
 
 BASELINE_SUFFIX = "-scratch"

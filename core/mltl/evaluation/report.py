@@ -309,6 +309,12 @@ def _pooled_blocks(r: StageResult, level: dict[str, Any], parts: Sequence[StageR
     return out + [b for p in parts for b in p.pooled_blocks]
 
 
+def _backbone_named(stage: StageResult) -> str:
+    """`` (`gfe-1`)`` from a stage's record of how its network started (``start``: "new gfe-1"), or ""."""
+    start = str(stage.metrics.get("start") or "")
+    return f" (`{start[4:]}`)" if start.startswith("new ") else ""
+
+
 def _stage_blocks(r: StageResult, parts: Sequence[StageReport], level: dict[str, Any], settings: tuple[int, int],
                   baseline: bool = False) -> list[Block]:
 
@@ -448,8 +454,9 @@ def headline(run_dir: Path, config_raw: dict[str, Any], results: Sequence[StageR
         ("from scratch (baseline)", f"{baseline.name}", fmt(d["auc_b"]) + _ci(d["auc_ci95_b"]), str(d["n_images"])),
         ("difference (chain - scratch)", "paired: same images" + (f", same {d['unit']}" if d["unit"] else ""),
          f"{d['diff']:+.3f} ({d['diff_ci95'][0]:+.3f} to {d['diff_ci95'][1]:+.3f}); p {p_text}", str(d["n_images"])),
-    ), f"The baseline `{baseline.name}` is the last stage trained from scratch: the first stage's backbone, randomly "
-       f"initialised, with the last stage's head, training settings, protocol and the very same splits. CIs: "
+    ), f"The baseline `{baseline.name}` is the last stage trained from scratch: the backbone the chain's first stage "
+       f"selected{_backbone_named(baseline)}, randomly initialised, with the last stage's head, training settings, "
+       f"protocol and the very same splits: the same network as the chain's, started from random weights. CIs: "
        f"class-stratified bootstrap percentile intervals, {n_resamples} resamples (seed {seed})"
        + (f", resampling whole cases ({d['n_cases']} patients / studies), not single images" if d["n_cases"] else "")
        + "; the difference's CI is paired (both models scored on the same resamples"

@@ -29,7 +29,7 @@ import attrs
 import numpy as np
 import torch
 
-from ..config import Config, StageConfig, dump_toml, load_config
+from ..config import Config, StageConfig, dump_toml, load_config, restrict_to_backbone
 from ..data.domain import Domain, prepare_images, split_counts
 from ..data.stream import load_images
 from ..errors import ConfigError, UserError
@@ -242,7 +242,8 @@ class _StageRunner:
         oof_csv = summary.pop("pooled_csv", None)
         metrics, selection, net, test = done[summary["representative"]]
         # a [run] baseline (trained from scratch for comparison only) hands nothing on: no final model
-        wanted = plan.stage.first.split.final_model and plan.stage is not self.config.baseline
+        baseline = self.config.baseline
+        wanted = plan.stage.first.split.final_model and (baseline is None or plan.stage.name != baseline.name)
         final = self._final_model(plan, files, done) if wanted else None
         # the numbers stay the repeats'; the final model's record says what it is and how it was made
         metrics = jsonable({**metrics, "protocol": summary, **({"final_model": final[1]} if final else {})})
@@ -551,6 +552,9 @@ def _run_locked(chain: ChainPlan, registry: Registry, dev: torch.device, events:
     try:
         events.run_started(config=config, run_dir=run_dir)
         for plan in chain.stages:
+            if plan.stage is config.baseline:  # the network the chain's first stage selected, from scratch
+                first = runner.selected[chain.stages[0].stage.name].spec
+                plan = attrs.evolve(plan, stage=restrict_to_backbone(plan.stage, first["backbone"], first["options"]))
             results.append(runner.run(plan))
         write_report(run_dir, config.raw, results, env)
         events.run_finished(results=results, run_dir=run_dir)

@@ -3,7 +3,9 @@
 From a chain config (at least two stages), ``mltl compare`` derives and runs:
 
 - ``scratch``: the last stage alone, from a freshly initialised copy of the first stage's backbone
-  (nothing frozen; :func:`mltl.config.scratch_stage`, which ``[run] baseline = "scratch"`` uses too);
+  (nothing frozen; :func:`mltl.config.scratch_stage`, which ``[run] baseline = "scratch"`` uses too); where
+  the first stage sweeps backbones, the one it selected (the single-stage chain runs first to find it), so
+  scratch and the chains have the same network and differ only in where its weights start;
 - ``single-stage``: the first stage, then the last stage started from it;
 - ``multi-stage``: the chain as written (skipped when it has only two stages: it is the single-stage one).
 
@@ -39,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..config import Config, effective_head, load_config, parse_config, scratch_stage
+from ..config import WEIGHT_OPTIONS, Config, effective_head, load_config, parse_config, scratch_stage
 from ..errors import UserError
 from ..evaluation import report
 from ..evaluation.metrics import classification_metrics
@@ -52,7 +54,8 @@ from ..evaluation.stats import (
     paired_bootstrap_over_draws,
 )
 from ..plugins import hooks
-from .rundir import RunFiles, StageFiles, choose_run_dir, read_predictions, write_json_atomic, write_text_atomic
+from .rundir import (RunFiles, StageFiles, choose_run_dir, read_predictions, served, write_json_atomic,
+                     write_text_atomic)
 
 if TYPE_CHECKING:
     from .chain import RunResult
@@ -136,12 +139,35 @@ def compare(config: Config | str | Path, *, overrides: list[str] | tuple[str, ..
     # with resume, each chain continues its own run directory (finished stages reused, as mltl run --resume);
     # an upstream stage the chains share (single- and multi-stage's first stage) is trained once: a later chain
     # copies it from an earlier chain of this comparison (same data, settings and upstream stages, see mltl.run)
+    # a first stage that sweeps backbones: the single-stage chain runs first, and scratch trains the backbone it
+    # selected (the same network as the chains' targets, randomly initialised)
+    order = list(derived)
+    first = config.raw["stages"][0]
+    swept = isinstance(first.get("backbone"), dict) and "sweep" in first["backbone"]
+    if swept:
+        order.remove("scratch")
+        order.insert(order.index("single-stage") + 1, "scratch")
     results: dict[str, RunResult] = {}
-    for name, cfg in derived.items():
+    for name in order:
+        cfg = derived[name]
+        if name == "scratch" and swept:
+            raw = copy.deepcopy(cfg.raw)
+            raw["stages"][0]["backbone"] = selected_backbone(out_dir / "single-stage", first["name"])
+            cfg = parse_config(raw, cfg.source)
         here = [out_dir / done for done in results]
         results[name] = run(cfg, out=out_dir / name, device=device,
                             resume=resume and RunFiles(out_dir / name).config.is_file(), reuse=earlier[name] + here)
+    results = {name: results[name] for name in derived}  # the table's order
     return write_comparison(out_dir, results, n_resamples=n_resamples, seed=config.run.seed)
+
+
+def selected_backbone(run_dir: Path, stage: str) -> dict[str, Any]:
+    """The backbone table of the network that ``stage`` of the run in ``run_dir`` handed on (its served
+    model's ``model.json``), without the options that load weights: what a scratch stage trains."""
+    import json
+
+    spec = json.loads(served(RunFiles(run_dir).stage(stage)).model_json.read_text())["spec"]
+    return {"name": spec["backbone"], **{k: v for k, v in spec["options"].items() if k not in WEIGHT_OPTIONS}}
 
 
 def write_comparison(out_dir: Path, results: Mapping[str, RunResult], *, n_resamples: int = 1000,

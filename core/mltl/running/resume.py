@@ -134,8 +134,9 @@ def find_earlier(plan: StagePlan, domain: Domain, reuse: tuple[Path, ...], selec
         if not all(same_weights(selected[n], served(RunFiles(run_dir).stage(n)).model) for n in earlier):
             log.info("%s: not reused (an earlier stage of this run has other weights than that run's)", files.root)
             continue
+        baseline = getattr(config, "baseline", None)
         wants_final = (len(plan.repeats) > 1 and plan.stage.first.split.final_model
-                       and plan.stage is not getattr(config, "baseline", None))
+                       and (baseline is None or plan.stage.name != baseline.name))
         if wants_final and served(files) == files:
             log.info("%s: not reused (it has no final model: made by an mltl before final models, or with "
                      "split.final_model = false)", files.root)
