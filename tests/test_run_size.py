@@ -9,7 +9,7 @@ import torch
 import mltl
 from mltl.deploy.predict import load_stage
 from mltl.running import rundir
-from mltl.running.rundir import StageFiles, link_or_copy_atomic, load_weights, prune_stage, served
+from mltl.running.rundir import StageFiles, copy_stage, link_or_copy_atomic, load_weights, prune_stage, served
 
 
 def _stage(tmp_path, finished=True):
@@ -85,6 +85,26 @@ def test_without_hard_links_it_copies(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep.bin", "stage.bin"]
 
 
+
+def test_a_reused_stage_links_its_weights_and_copies_everything_else(tmp_path):
+    """``--reuse`` copies a finished stage: its weights as hard links (no second copy on disk), its records and
+    figures as copies, which the reusing run's reporters may rewrite without touching the earlier run."""
+    src = tmp_path / "earlier" / "target"
+    (src / "repeats" / "fold-1").mkdir(parents=True)
+    for rel, data in {"model.safetensors": b"w", "repeats/fold-1/model.safetensors": b"w1", "roc.png": b"png",
+                      "metrics.json": b"{}"}.items():
+        (src / rel).write_bytes(data)
+    dst = tmp_path / "later" / "target"
+    dst.parent.mkdir()
+    copy_stage(src, dst)
+    assert (dst / "model.safetensors").samefile(src / "model.safetensors")
+    assert (dst / "repeats/fold-1/model.safetensors").samefile(src / "repeats/fold-1/model.safetensors")
+    for name in ("roc.png", "metrics.json"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes() and not (dst / name).samefile(src / name)
+    (dst / "roc.png").write_bytes(b"redrawn in place")  # as a plugin might
+    assert (src / "roc.png").read_bytes() == b"png"
+
+
 ONE_STAGE = """
 [run]
 name = "keep-all"
@@ -119,4 +139,5 @@ def test_keep_all_and_no_final_model_give_the_old_run_folder(tmp_path):
     assert stage.path == d and stage.record["model"] == "selected (repeat seed-1)"
     rep, _ = load_weights(d / "repeats" / "seed-1" / "model.safetensors")
     assert (d / "model.safetensors").samefile(d / "repeats" / "seed-1" / "model.safetensors")
+    assert not (d / "model.json").samefile(d / "repeats" / "seed-1" / "model.json")  # records are copies
     assert all(torch.equal(v, rep[k]) for k, v in stage.network.state_dict().items())

@@ -82,7 +82,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def link_or_copy_atomic(src: Path, path: Path) -> None:
     """``path`` becomes a hard link to ``src`` (one copy on disk for both names) where the file system allows,
-    else an atomic copy. Safe because mltl never edits a stage's file in place: every write replaces it."""
+    else an atomic copy. For weights files only: mltl replaces them, never edits them in place, and no
+    reporter writes them (a plugin rewriting its own figure in place would change both names)."""
     if not _distributed.is_writer():
         return
     path = Path(path)
@@ -95,12 +96,19 @@ def link_or_copy_atomic(src: Path, path: Path) -> None:
         write_bytes_atomic(path, Path(src).read_bytes())
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    """``shutil.copytree``'s copy function: a hard link where possible."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _link_weights_or_copy(src: str, dst: str) -> None:
+    """``shutil.copytree``'s copy function: weights files (the bulk of a stage) hard-linked where possible, as
+    :func:`link_or_copy_atomic` explains; every other file copied, as reporters write into a reused stage."""
+    if src.endswith(WEIGHTS_SUFFIX):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+WEIGHTS_SUFFIX = ".safetensors"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -618,7 +626,10 @@ def write_repeated_stage(files: StageFiles, representative: str, oof_csv: str | 
     rep = files.repeat(representative).root
     for name in files.REPRESENTATIVE:
         if (rep / name).is_file():
-            link_or_copy_atomic(rep / name, files.root / name)
+            if name.endswith(WEIGHTS_SUFFIX):
+                link_or_copy_atomic(rep / name, files.root / name)
+            else:
+                write_bytes_atomic(files.root / name, (rep / name).read_bytes())
     if final is not None:
         info = json.loads((rep / files.MODEL_JSON).read_text())
         info = {**info, "model": f"repeat {representative} (the representative repeat; the stage serves "
@@ -796,9 +807,9 @@ def finished_repeat(files: StageFiles) -> bool:
 def copy_stage(src: Path, stage_dir: Path) -> None:
     """Copy a finished stage folder whole into a temporary folder, then rename it: a crash leaves no
     half-copied stage behind (and ``metrics.json``, which marks a stage finished, only ever with the rest).
-    Files are hard-linked where the file system allows, so a reused stage takes no second copy on disk."""
+    Weights are hard-linked where the file system allows, so a reused stage takes no second copy of them."""
     tmp = stage_dir.parent / f".{stage_dir.name}.reuse-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    shutil.copytree(src, tmp, copy_function=_link_weights_or_copy)
     shutil.rmtree(stage_dir, ignore_errors=True)
     tmp.replace(stage_dir)
